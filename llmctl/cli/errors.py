@@ -1,0 +1,79 @@
+"""The one table that turns known exceptions into one line and an exit code.
+
+Anything not in the table is a bug: it is reported as one, with the traceback under
+LLMCTL_DEBUG=1.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Callable
+from typing import Any
+
+from llmctl import errors
+
+OK = 0
+FAILURE = 1
+USAGE = 2
+NOT_FOUND = 3
+VERIFICATION = 4
+RESOURCES = 5
+INTERRUPTED = 130
+
+
+def _usage(e: errors.UsageError) -> str:
+    return f"{e}; {e.hint}" if e.hint else str(e)
+
+
+def _not_found(e: errors.ModelNotFound) -> str:
+    if e.in_catalog:
+        return f"model '{e.reference}' is not in the store; try: llmctl pull {e.reference}"
+    if e.suggestions:
+        return f"model '{e.reference}' not found; did you mean {' or '.join(e.suggestions)}?"
+    return f"model '{e.reference}' not found; try: llmctl ls"
+
+
+def _ambiguous(e: errors.AmbiguousReference) -> str:
+    return f"'{e.reference}' matches several models ({', '.join(e.matches)}); use a longer ID"
+
+
+def _unavailable(e: errors.SourceUnavailable) -> str:
+    return f"cannot pull {e.model}: " + "; ".join(e.reasons)
+
+
+def _verification(e: errors.VerificationFailed) -> str:
+    return f"{e.path}: {e.reason}"
+
+
+def _engine(e: errors.EngineUnavailable) -> str:
+    return f"the {e.engine} engine cannot run here: {e.reason}" + (
+        f"; install it: {e.install}" if e.install else "")
+
+
+def _os_error(e: OSError) -> str:
+    where = f" ({e.filename})" if e.filename else ""
+    return f"{e.strerror or e}{where}"
+
+
+# Ordered: the first matching row wins, so subclasses come before their bases.
+TABLE: list[tuple[type[BaseException], int, Callable[[Any], str]]] = [
+    (errors.UsageError, USAGE, _usage),
+    (errors.ModelNotFound, NOT_FOUND, _not_found),
+    (errors.AmbiguousReference, USAGE, _ambiguous),
+    (errors.SourceUnavailable, NOT_FOUND, _unavailable),
+    (errors.VerificationFailed, VERIFICATION, _verification),
+    (errors.EngineUnavailable, FAILURE, _engine),
+    (errors.EngineFailure, FAILURE, str),
+]
+
+
+def describe(exc: BaseException) -> tuple[int, str] | None:
+    """(exit code, one-line message) for a known exception, None for a bug."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return RESOURCES, f"not enough disk space: {_os_error(exc)}; free some space and retry"
+    if isinstance(exc, PermissionError):
+        return FAILURE, f"permission denied: {_os_error(exc)}"
+    for kind, code, message in TABLE:
+        if isinstance(exc, kind):
+            return code, message(exc)
+    return None

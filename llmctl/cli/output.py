@@ -1,0 +1,171 @@
+"""The one place that writes to the terminal.
+
+stdout carries only the payload (generated text, tables, JSON, names of what was made);
+progress, statistics, notes and errors go to stderr. When a stream is not a terminal, or
+NO_COLOR is set, nothing but plain text goes to it: no colour, no spinners, no bars.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, TextIO
+
+
+def is_terminal(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def format_bytes(size: float) -> str:
+    """Decimal units, as Ollama and the Hub show sizes: 98 MB, 4.7 GB."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(size) < 1000 or unit == "TB":
+            if unit == "B":
+                return f"{int(size)} B"
+            return f"{size:.0f} {unit}" if abs(size) >= 100 else f"{size:.1f} {unit}"
+        size /= 1000
+    raise AssertionError("unreachable")
+
+
+def format_count(count: float) -> str:
+    """Parameter counts: 134.5M, 1.2B."""
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if count >= scale:
+            return f"{count / scale:.1f}{unit}"
+    return str(int(count))
+
+
+def format_age(timestamp: float, now: float | None = None) -> str:
+    seconds = max(0, int((now or time.time()) - timestamp))
+    for unit, span in (("year", 365 * 86400), ("month", 30 * 86400), ("week", 7 * 86400),
+                       ("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds >= span:
+            n = seconds // span
+            return f"{n} {unit}{'s' if n > 1 else ''} ago"
+    return "just now"
+
+
+class Output:
+    def __init__(self, *, json_mode: bool = False, quiet: bool = False,
+                 stdout: TextIO | None = None, stderr: TextIO | None = None):
+        self.json_mode = json_mode
+        self.quiet = quiet
+        self.stdout = stdout or sys.stdout
+        self.stderr = stderr or sys.stderr
+
+    @property
+    def fancy_stderr(self) -> bool:
+        """Bars and colour on stderr: only for a person watching a terminal."""
+        return (is_terminal(self.stderr) and not os.environ.get("NO_COLOR")
+                and os.environ.get("TERM") != "dumb")
+
+    # -- payload (stdout) ------------------------------------------------------------------
+
+    def line(self, text: str = "") -> None:
+        self.stdout.write(text + "\n")
+
+    def text(self, text: str) -> None:
+        """Streamed text (tokens): written and flushed at once, no newline added."""
+        self.stdout.write(text)
+        self.stdout.flush()
+
+    def json(self, data: Any) -> None:
+        """One JSON document."""
+        self.stdout.write(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
+
+    def json_line(self, data: Any) -> None:
+        """One event of a JSON Lines stream, flushed so a reader sees it at once."""
+        self.stdout.write(json.dumps(data, ensure_ascii=False, default=str) + "\n")
+        self.stdout.flush()
+
+    def table(self, headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+        """Columns padded with spaces, like Ollama's `ls`: greppable, no borders."""
+        columns = zip(headers, *rows, strict=True)
+        widths = [max(len(str(cell)) for cell in column) for column in columns]
+        for row in (headers, *rows):
+            cells = [str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)]
+            self.line("    ".join(cells).rstrip())
+
+    # -- diagnostics (stderr) --------------------------------------------------------------
+
+    def info(self, message: str) -> None:
+        if not self.quiet:
+            self.stderr.write(message + "\n")
+            self.stderr.flush()
+
+    def warn(self, message: str) -> None:
+        self.stderr.write(f"warning: {message}\n")
+        self.stderr.flush()
+
+    def error(self, message: str) -> None:
+        self.stderr.write(f"error: {message}\n")
+        self.stderr.flush()
+
+    def confirm(self, question: str) -> bool:
+        """Ask on the terminal; callers decide what happens without one."""
+        self.stderr.write(f"{question} [y/N] ")
+        self.stderr.flush()
+        try:
+            answer = sys.stdin.readline()
+        except KeyboardInterrupt:
+            self.stderr.write("\n")
+            raise
+        return answer.strip().lower() in ("y", "yes")
+
+    @contextmanager
+    def progress(self) -> Iterator[Callable[[str, str, int, int], None]]:
+        """A function to report (task, status, done, total): bars on a terminal, one line
+        per status change otherwise, nothing when quiet or writing JSON."""
+        if self.quiet or self.json_mode:
+            yield lambda task, status, done, total: None
+            return
+        if not self.fancy_stderr:
+            seen: set[tuple[str, str]] = set()
+
+            def plain(task: str, status: str, done: int, total: int) -> None:
+                if (task, status) not in seen:
+                    seen.add((task, status))
+                    self.info(f"{task}: {status}")
+
+            yield plain
+            return
+        yield from _rich_progress(self.stderr)
+
+
+def _rich_progress(stream: TextIO) -> Iterator[Callable[[str, str, int, int], None]]:
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TaskProgressColumn,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    console = Console(file=stream)
+    bars = Progress(
+        TextColumn("{task.description}"), TaskProgressColumn(), BarColumn(),
+        DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
+        console=console, transient=False,
+    )
+    tasks: dict[tuple[str, str], Any] = {}
+
+    def report(task: str, status: str, done: int, total: int) -> None:
+        key = (task, status)
+        if key not in tasks:
+            tasks[key] = bars.add_task(f"{task}: {status}", total=total or None)
+        bars.update(tasks[key], completed=done if total else None, total=total or None)
+        if not total:
+            bars.update(tasks[key], total=1, completed=1)
+
+    with bars:
+        yield report

@@ -1,0 +1,86 @@
+"""llmctl show: what a stored model is."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from llmctl.cli.common import JsonOpt, ModelArg
+from llmctl.cli.output import Output, format_bytes, format_count
+
+
+def show(
+    model: ModelArg,
+    json: JsonOpt = False,
+    template: Annotated[bool, typer.Option("--template", help="Print only the chat template."
+                                           )] = False,
+    metadata: Annotated[bool, typer.Option("--metadata", help="Print every GGUF metadata key."
+                                           )] = False,
+) -> None:
+    """Show a stored model: its files, source and the metadata in its GGUF header.
+
+    [bold]Examples[/bold]
+
+      llmctl show smollm2
+
+      llmctl show smollm2 --json | jq .summary.context_length
+
+      llmctl show smollm2 --template
+    """
+    from llmctl.cli.common import open_store
+    from llmctl.store.models import describe
+
+    out = Output(json_mode=json)
+    layout, catalog = open_store()
+    details = describe(layout, catalog, model)
+    manifest = details.manifest
+    if template:
+        chat_template = details.metadata.get("tokenizer.chat_template")
+        if chat_template is None:
+            out.info(f"{manifest.reference} has no chat template")
+            raise typer.Exit(1)
+        out.line(chat_template)
+        return
+    if json:
+        out.json(dict(manifest.to_dict(), path=str(details.path), summary=details.summary,
+                      gguf=details.metadata, tensor_types=details.tensor_types))
+        return
+    s = details.summary
+    sections = {
+        "Model": [
+            ("name", manifest.reference),
+            ("id", manifest.id),
+            ("architecture", s["architecture"]),
+            ("parameters", format_count(s["parameters"])),
+            ("quantization", s["quantization"]),
+            ("context length", s["context_length"]),
+            ("embedding length", s["embedding_length"]),
+            ("layers", s["block_count"]),
+            ("chat template", "yes" if s["chat_template"] else "no"),
+            ("licence", s["license"]),
+        ],
+        "Store": [
+            ("engine", manifest.engine),
+            ("format", manifest.format),
+            ("size", format_bytes(manifest.size)),
+            ("created", manifest.created),
+            ("source", ", ".join(f"{k}={v}" for k, v in manifest.source.items())),
+            *[(f.name, f"{f.digest} ({format_bytes(f.size)})") for f in manifest.files],
+            ("path", str(details.path)),
+        ],
+    }
+    if metadata:
+        sections["Metadata"] = [(k, _short(v)) for k, v in details.metadata.items()]
+    for title, rows in sections.items():
+        out.line(f"  {title}")
+        width = max(len(k) for k, _ in rows)
+        for key, value in rows:
+            if value is not None:
+                out.line(f"    {key.ljust(width)}    {value}")
+        out.line()
+
+
+def _short(value: object) -> str:
+    text = str(value).replace("\n", "\\n")
+    return text if len(text) <= 80 else text[:77] + "..."

@@ -1,0 +1,1 @@
+"""Engines run models. Each module imports its library only when it is used."""

