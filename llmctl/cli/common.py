@@ -43,7 +43,7 @@ ModelArg = Annotated[str, typer.Argument(
     metavar="MODEL", help="A model: NAME[:TAG], a path to a .gguf file, or an ID prefix.",
     autocompletion=complete_model, show_default=False)]
 StoredModelsArg = Annotated[list[str], typer.Argument(
-    metavar="MODEL...", help="Stored models: NAME[:TAG] or an ID prefix.",
+    metavar="MODEL", help="Stored models: NAME[:TAG] or an ID prefix.",
     autocompletion=complete_stored_model, show_default=False)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print only names; no progress.")]

@@ -9,13 +9,11 @@ from llmctl.cli.output import Output, format_age, format_bytes
 def ls(json: JsonOpt = False, quiet: QuietOpt = False) -> None:
     """List stored models.
 
-    [bold]Examples[/bold]
+    **Examples**
 
-      llmctl ls
-
-      llmctl ls -q | xargs llmctl rm -y
-
-      llmctl ls --json | jq '.[].name'
+        llmctl ls
+        llmctl ls -q | xargs llmctl rm -y
+        llmctl ls --json | jq '.[].name'
     """
     from llmctl.store.layout import StoreLayout
     from llmctl.store.models import list_models, store_size

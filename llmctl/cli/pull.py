@@ -12,7 +12,7 @@ from llmctl.cli.output import Output, format_bytes
 
 def pull(
     models: Annotated[list[str], typer.Argument(
-        metavar="MODEL...", help="Catalog names (NAME[:TAG]) or paths to .gguf files.",
+        metavar="MODEL", help="Catalog names (NAME[:TAG]) or paths to .gguf files.",
         autocompletion=complete_model, show_default=False)],
     name: Annotated[str | None, typer.Option(
         "--name", help="Store a file pulled from a path as NAME[:TAG].")] = None,
@@ -26,13 +26,11 @@ def pull(
     Files already on this machine are linked into the store, never copied. stdout gets
     the name of each stored model (--json: its manifest, one JSON line per model).
 
-    [bold]Examples[/bold]
+    **Examples**
 
-      llmctl pull smollm2
-
-      llmctl pull ./models/mistral-7b-instruct.Q4_K_M.gguf --name mistral:7b
-
-      llmctl pull -q smollm2 gemma3
+        llmctl pull smollm2
+        llmctl pull ./models/mistral-7b-instruct.Q4_K_M.gguf --name mistral:7b
+        llmctl pull -q smollm2 gemma3
     """
     from llmctl.cli.common import open_store
     from llmctl.store.pull import pull as pull_model

@@ -21,11 +21,10 @@ def rm(
     Files another stored model still uses are kept. Files linked from elsewhere (a pip
     package, your own folder) stay where they are; only the store's link goes.
 
-    [bold]Examples[/bold]
+    **Examples**
 
-      llmctl rm smollm2 --dry-run
-
-      llmctl rm -y smollm2:135m gemma3:270m
+        llmctl rm smollm2 --dry-run
+        llmctl rm -y smollm2:135m gemma3:270m
     """
     import sys
 

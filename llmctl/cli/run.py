@@ -17,7 +17,7 @@ Engine = "Engine"
 def run(
     model: ModelArg,
     prompt: Annotated[list[str] | None, typer.Argument(
-        metavar="[PROMPT]...", help="The prompt; piped stdin comes first, then this.",
+        metavar="PROMPT", help="The prompt; piped stdin comes first, then this.",
         show_default=False)] = None,
     system: Annotated[str | None, typer.Option(help="A system prompt.")] = None,
     temperature: Annotated[float, typer.Option(
@@ -50,13 +50,11 @@ def run(
     Lines: {"type": "token", "text": ...} per piece of text, then {"type": "done", ...}
     with token counts, timings and tokens/s.
 
-    [bold]Examples[/bold]
+    **Examples**
 
-      llmctl run smollm2 "What is the capital of France?"
-
-      cat notes.txt | llmctl run smollm2 "Summarise this in three bullet points."
-
-      llmctl run smollm2 --temperature 0 --json "Hi" | jq -r 'select(.type=="token").text'
+        llmctl run smollm2 "What is the capital of France?"
+        cat notes.txt | llmctl run smollm2 "Summarise this in three bullet points."
+        llmctl run smollm2 --temperature 0 --json "Hi" | jq -r 'select(.type=="token").text'
     """
     from llmctl.cli.common import open_store
     from llmctl.engines import registry

@@ -20,13 +20,11 @@ def show(
 ) -> None:
     """Show a stored model: its files, source and the metadata in its GGUF header.
 
-    [bold]Examples[/bold]
+    **Examples**
 
-      llmctl show smollm2
-
-      llmctl show smollm2 --json | jq .summary.context_length
-
-      llmctl show smollm2 --template
+        llmctl show smollm2
+        llmctl show smollm2 --json | jq .summary.context_length
+        llmctl show smollm2 --template
     """
     from llmctl.cli.common import open_store
     from llmctl.store.models import describe

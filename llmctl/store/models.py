@@ -1,19 +1,25 @@
-"""Stored models as `ls`, `rm` and `show` see them."""
+"""Stored models as `ls`, `rm` and `show` see them.
+
+`ls` runs on every start of a shell completion and in scripts' loops: this module imports
+only what listing needs at the top; name resolution and GGUF reading come in with the
+functions that use them.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llmctl.errors import VerificationFailed
 from llmctl.store import manifest as manifests
 from llmctl.store.blobs import BlobStore, BlobUsage
-from llmctl.store.catalog import Catalog
-from llmctl.store.gguf_header import ArraySummary, GGUFHeader, read_header
 from llmctl.store.layout import StoreLayout
 from llmctl.store.manifest import Manifest
-from llmctl.store.names import resolve_stored
+
+if TYPE_CHECKING:
+    from llmctl.store.catalog import Catalog
+    from llmctl.store.gguf_header import GGUFHeader
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,8 @@ class RemovalPlan:
 
 def plan_removal(layout: StoreLayout, catalog: Catalog | None, references: list[str]
                  ) -> RemovalPlan:
+    from llmctl.store.names import resolve_stored
+
     chosen: dict[str, Manifest] = {}
     for text in references:
         found = resolve_stored(layout, catalog, text)
@@ -86,6 +94,8 @@ def check_file(layout: StoreLayout, manifest: Manifest) -> tuple[Path, GGUFHeade
     """The stored model's file and header, after the checks that catch a damaged store
     (a file deleted, truncated or overwritten since it was verified) before any engine
     opens it."""
+    from llmctl.store.gguf_header import read_header
+
     entry = manifest.primary
     path = BlobStore(layout).path(entry.digest)
     try:
@@ -113,6 +123,9 @@ class ModelDetails:
 
 
 def describe(layout: StoreLayout, catalog: Catalog | None, reference: str) -> ModelDetails:
+    from llmctl.store.gguf_header import ArraySummary
+    from llmctl.store.names import resolve_stored
+
     manifest = resolve_stored(layout, catalog, reference)
     path, header = check_file(layout, manifest)
     metadata = {k: (str(v) if isinstance(v, ArraySummary) else v)
