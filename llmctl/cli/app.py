@@ -16,7 +16,7 @@ app = typer.Typer(
     help="Run AI models on your own machine.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    rich_markup_mode="markdown",
+    rich_markup_mode="rich",
     context_settings={"help_option_names": ["-h", "--help"]},
     epilog="Exit codes: 0 ok, 1 failure, 2 usage, 3 model not found, 4 verification failed, "
            "5 not enough disk or memory, 130 interrupted. Store: $LLMCTL_HOME.",

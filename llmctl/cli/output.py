@@ -7,7 +7,6 @@ NO_COLOR is set, nothing but plain text goes to it: no colour, no spinners, no b
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -78,10 +77,14 @@ class Output:
 
     def json(self, data: Any) -> None:
         """One JSON document."""
+        import json
+
         self.stdout.write(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
 
     def json_line(self, data: Any) -> None:
         """One event of a JSON Lines stream, flushed so a reader sees it at once."""
+        import json
+
         self.stdout.write(json.dumps(data, ensure_ascii=False, default=str) + "\n")
         self.stdout.flush()
 
