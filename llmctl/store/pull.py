@@ -67,7 +67,6 @@ class Runnable:
     engine: str
     header: GGUFHeader
     manifest: Manifest | None  # None for a file run straight from a path
-    pulled: bool = False
 
 
 def _quiet(_event: PullEvent) -> None:
@@ -91,7 +90,12 @@ def _register(
     tag: str,
     expected_sha256: str | None,
     on_event: OnEvent,
+    kind: str = "text",
+    engine: str = "llama",
+    format: str = "gguf",
 ) -> PullResult:
+    """Hash and check the files, then link them and write the manifest. Only GGUF files
+    are read and checked here; other formats arrive with their engines."""
     blobs = BlobStore(layout)
     reference = f"{name}:{tag}"
     layout.ensure()
@@ -110,13 +114,14 @@ def _register(
             size = checked.stat().st_size
         if expected_sha256 and digest != "sha256:" + expected_sha256.removeprefix("sha256:"):
             raise VerificationFailed(
-                str(files.paths[0]),
-                f"sha256 is {digest.removeprefix('sha256:')}, expected {expected_sha256}",
+                reference,
+                f"sha256 of {files.paths[0]} is {digest.removeprefix('sha256:')}, "
+                f"expected {expected_sha256}",
             )
         header = read_header(checked)
         file_name = files.paths[0].name if not files.joined else f"{name.split('/')[-1]}.gguf"
         manifest = Manifest(
-            name=name, tag=tag, kind="text", engine="llama", format="gguf",
+            name=name, tag=tag, kind=kind, engine=engine, format=format,
             files=[ManifestFile(file_name, digest, size)],
             source=files.origin, metadata=header.summary(),
         )
@@ -151,9 +156,11 @@ def _from_catalog(layout: StoreLayout, match: CatalogMatch, on_event: OnEvent) -
             continue
         origin = dict(files.origin, quantization=match.quantization)
         files = LocalFiles(files.paths, files.joined, origin)
-        return _register(layout, files, name=match.entry.name, tag=match.tag,
+        entry = match.entry
+        return _register(layout, files, name=entry.name, tag=match.tag,
                          expected_sha256=source.sha256(match.quantization or ""),
-                         on_event=on_event)
+                         on_event=on_event, kind=entry.kind, engine=entry.engine,
+                         format=entry.format)
     raise SourceUnavailable(match.reference, reasons)
 
 
@@ -206,7 +213,6 @@ def runnable(
     if isinstance(ref, HubRef | UrlRef):
         raise UsageError(f"cannot run '{text}' directly",
                          hint="network sources come in a later version; pull a catalog model")
-    pulled = False
     manifest = find_stored(layout, catalog, ref)
     if manifest is None and ref.tag is None:
         manifest = find_by_digest(layout, ref.name)
@@ -216,7 +222,6 @@ def runnable(
             raise ModelNotFound(text, suggestions(text, layout, catalog))
         on_event(PullEvent(match.reference, "pulling (not in the store yet)"))
         manifest = _from_catalog(layout, match, on_event).manifest
-        pulled = True
     path, header = check_file(layout, manifest)
     return Runnable(path, manifest.reference, manifest.kind, manifest.format, manifest.engine,
-                    header, manifest, pulled)
+                    header, manifest)
