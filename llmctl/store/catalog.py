@@ -23,6 +23,9 @@ class CatalogSource:
     def files(self) -> dict[str, str]:
         return self.options.get("files", {})
 
+    def file(self, quantization: str | None) -> str | None:
+        return _get_folded(self.files, quantization)
+
     def sha256(self, quantization: str) -> str | None:
         return _get_folded(self.options.get("sha256", {}), quantization)
 

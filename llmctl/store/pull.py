@@ -147,6 +147,8 @@ def _from_catalog(layout: StoreLayout, match: CatalogMatch, on_event: OnEvent) -
             if source.type == "package":
                 files = bundled.locate(source.options)
             elif source.type == "hf":
+                if source.file(match.quantization) is None:
+                    continue  # this repository does not publish that quantization
                 raise SourceMissing(f"hf://{source.options['repo']}: downloading from "
                                     "Hugging Face is not in this version of llmctl yet")
             else:
