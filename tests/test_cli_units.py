@@ -84,3 +84,13 @@ def test_a_missing_engine_library_names_the_install_command() -> None:
     with pytest.raises(errors.EngineUnavailable) as caught:
         registry.check_available(spec)
     assert "pip install 'llmctl[ghost]'" in table.describe(caught.value)[1]
+
+
+def test_help_summaries_match_the_commands_docstrings() -> None:
+    import importlib
+
+    from llmctl.cli.app import COMMANDS
+
+    for name, summary in COMMANDS.items():
+        command = getattr(importlib.import_module(f"llmctl.cli.{name}"), name)
+        assert command.__doc__.strip().splitlines()[0] == summary, name

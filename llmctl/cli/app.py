@@ -2,30 +2,78 @@
 
 from __future__ import annotations
 
+import functools
+import importlib
 import os
 import sys
 from typing import Annotated
 
 import typer
+import typer.main
+from typer._click import Command, Context, HelpFormatter
+from typer.core import TyperCommand, TyperGroup
 
 from llmctl import __version__
-from llmctl.cli import ls, pull, rm, run, show
+
+# Command name -> the one line `llmctl --help` shows (a test keeps it equal to the first
+# line of the command's docstring). Modules are imported only when their command runs.
+COMMANDS = {
+    "pull": "Store models from the catalog, an installed package or a local file.",
+    "ls": "List stored models.",
+    "rm": "Remove models from the store.",
+    "show": "Show a stored model: its files, source and the metadata in its GGUF header.",
+    "run": "Run a model on one prompt and stream the reply to stdout.",
+}
+MARKUP = "markdown"
+
+
+class LazyCommands(TyperGroup):
+    """A command group that builds only the command being run.
+
+    typer builds every command's parameters up front; with lazy commands `llmctl --help`
+    lists the summaries above without importing a command module, and `llmctl ls` builds
+    `ls` alone, which keeps start-up at a bare typer app's cost (README, performance).
+    """
+
+    _listing = False
+
+    def list_commands(self, ctx: Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: Context, cmd_name: str) -> Command | None:
+        if cmd_name not in COMMANDS:
+            return None
+        if self._listing:  # the help listing needs names and summaries only
+            return TyperCommand(cmd_name, short_help=COMMANDS[cmd_name])
+        return _build(cmd_name)
+
+    def format_help(self, ctx: Context, formatter: HelpFormatter) -> None:
+        self._listing = True
+        try:
+            super().format_help(ctx, formatter)
+        finally:
+            self._listing = False
+
+
+@functools.cache
+def _build(name: str) -> Command:
+    module = importlib.import_module(f"llmctl.cli.{name}")
+    single = typer.Typer(rich_markup_mode=MARKUP, pretty_exceptions_enable=False)
+    single.command(name)(getattr(module, name))
+    return typer.main.get_command(single)
+
 
 app = typer.Typer(
     name="llmctl",
+    cls=LazyCommands,
     help="Run AI models on your own machine.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    rich_markup_mode="rich",
+    rich_markup_mode=MARKUP,
     context_settings={"help_option_names": ["-h", "--help"]},
     epilog="Exit codes: 0 ok, 1 failure, 2 usage, 3 model not found, 4 verification failed, "
            "5 not enough disk or memory, 130 interrupted. Store: $LLMCTL_HOME.",
 )
-app.command("pull")(pull.pull)
-app.command("ls")(ls.ls)
-app.command("rm")(rm.rm)
-app.command("show")(show.show)
-app.command("run")(run.run)
 
 
 def _version(value: bool) -> None:
