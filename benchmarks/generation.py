@@ -5,7 +5,7 @@ llama-cpp-python's high-level API, on the same GGUF file and thread count, in on
   tg  generation, tokens/s over 128 tokens after the first (llama-bench -n 128)
 
 Each repetition runs the three tools one after the other, each in a fresh process, so that
-machine noise hits all of them alike. The table gives mean ± stdev and the ratios to
+machine noise hits all of them alike. The table gives median ± stdev and the ratios to
 llama-bench.
 
     sh benchmarks/build_llama_bench.sh            # once: builds llama-bench (~10 min)
@@ -132,15 +132,16 @@ def main() -> None:
                 samples[name][key].append(result[key])
         print(f"repetition {rep + 1}/{args.reps} done", file=sys.stderr)
 
-    base = {k: statistics.mean(samples["llama-bench"][k]) for k in ("pp", "tg")}
+    # Medians: on a shared VM one slow repetition would otherwise move a mean by percents.
+    base = {k: statistics.median(samples["llama-bench"][k]) for k in ("pp", "tg")}
     rows = []
     for name, values in samples.items():
         row = {"tool": name}
         for key in ("pp", "tg"):
-            mean = statistics.mean(values[key])
-            row[key] = round(mean, 1)
+            median = statistics.median(values[key])
+            row[key] = round(median, 1)
             row[f"{key}_stdev"] = round(statistics.stdev(values[key]), 1) if args.reps > 1 else 0
-            row[f"{key}_ratio"] = round(mean / base[key], 3)
+            row[f"{key}_ratio"] = round(median / base[key], 3)
         rows.append(row)
     if args.json:
         print(json.dumps({"model": str(model), "threads": args.threads, "reps": args.reps,

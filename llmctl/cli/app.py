@@ -24,7 +24,9 @@ COMMANDS = {
     "show": "Show a stored model: its files, source and the metadata in its GGUF header.",
     "run": "Run a model on one prompt and stream the reply to stdout.",
 }
-MARKUP = "markdown"
+# Plain help, as git and Ollama print it: no rich import on start-up (it costs more than
+# the rest of `llmctl --help` together), nothing to strip when piped into a pager or a file.
+MARKUP = None
 
 
 class LazyCommands(TyperGroup):
@@ -58,7 +60,8 @@ class LazyCommands(TyperGroup):
 @functools.cache
 def _build(name: str) -> Command:
     module = importlib.import_module(f"llmctl.cli.{name}")
-    single = typer.Typer(rich_markup_mode=MARKUP, pretty_exceptions_enable=False)
+    single = typer.Typer(rich_markup_mode=MARKUP, pretty_exceptions_enable=False,
+                         add_completion=False)
     single.command(name)(getattr(module, name))
     return typer.main.get_command(single)
 
@@ -92,45 +95,51 @@ def _options(
 
 
 def main() -> None:
-    from llmctl.cli import errors
-    from llmctl.cli.output import Output
-
     try:
         # standalone_mode=False: errors come back here, to be told in one line. A fixed
         # prog_name keeps `python -m llmctl` and `llmctl` alike, completion variable included.
         code = app(standalone_mode=False, prog_name="llmctl")
-    except typer.Abort:  # Ctrl-C at a prompt
-        sys.stderr.write("\n")
-        code = errors.INTERRUPTED
-    except KeyboardInterrupt:
-        code = errors.INTERRUPTED
-    except BrokenPipeError:
+    except (Exception, KeyboardInterrupt) as exc:
+        code = _report(exc)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _report(exc: BaseException) -> int:
+    """Say what went wrong in one line on stderr and return the exit code. Its imports
+    happen only on failure: the error table is not start-up's business."""
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError
+
+    from llmctl.cli import errors
+    from llmctl.cli.output import Output
+
+    debug = bool(os.environ.get("LLMCTL_DEBUG"))
+    if isinstance(exc, KeyboardInterrupt | typer.Abort):  # Ctrl-C, at work or at a prompt
+        if isinstance(exc, typer.Abort):
+            sys.stderr.write("\n")
+        return errors.INTERRUPTED
+    if isinstance(exc, BrokenPipeError):
         # The reader went away (`llmctl ls | head -1`): stop quietly, and keep Python from
         # complaining while it flushes stdout on the way out.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        code = errors.FAILURE
-    except Exception as exc:
-        from typer._click.exceptions import ClickException, NoArgsIsHelpError
+        return errors.FAILURE
+    if isinstance(exc, NoArgsIsHelpError):  # `llmctl` alone: the help was shown
+        return errors.OK
+    if isinstance(exc, ClickException):  # usage errors: bad options, missing arguments
+        ctx = getattr(exc, "ctx", None)
+        hint = f" (see: {ctx.command_path} --help)" if ctx else ""
+        Output().error(exc.format_message() + hint)
+        return exc.exit_code
+    known = errors.describe(exc)
+    if known is None:
+        if debug:
+            raise exc
+        Output().error(f"unexpected {type(exc).__name__}: {exc} (this is a bug; "
+                       "run again with LLMCTL_DEBUG=1 to see where, and report it)")
+        return errors.FAILURE
+    if debug:
+        import traceback
 
-        if isinstance(exc, NoArgsIsHelpError):  # `llmctl` alone: the help was shown
-            code = errors.OK
-        elif isinstance(exc, ClickException):  # usage errors: bad options, missing arguments
-            hint = ""
-            if ctx := getattr(exc, "ctx", None):
-                hint = f" (see: {ctx.command_path} --help)"
-            Output().error(exc.format_message() + hint)
-            code = exc.exit_code
-        elif known := errors.describe(exc):
-            code, message = known
-            Output().error(message)
-        else:
-            if os.environ.get("LLMCTL_DEBUG"):
-                raise
-            Output().error(f"unexpected {type(exc).__name__}: {exc} (this is a bug; "
-                           "run again with LLMCTL_DEBUG=1 to see where, and report it)")
-            code = errors.FAILURE
-        if os.environ.get("LLMCTL_DEBUG"):
-            import traceback
-
-            traceback.print_exception(exc)
-    sys.exit(code if isinstance(code, int) else 0)
+        traceback.print_exception(exc)
+    code, message = known
+    Output().error(message)
+    return code

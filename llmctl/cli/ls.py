@@ -9,14 +9,15 @@ from llmctl.cli.output import Output, format_age, format_bytes
 def ls(json: JsonOpt = False, quiet: QuietOpt = False) -> None:
     """List stored models.
 
-    **Examples**
+    Examples:
 
+    \b
         llmctl ls
         llmctl ls -q | xargs llmctl rm -y
         llmctl ls --json | jq '.[].name'
     """
     from llmctl.store.layout import StoreLayout
-    from llmctl.store.models import list_models, store_size
+    from llmctl.store.manifest import list_models, store_size
 
     out = Output(json_mode=json, quiet=quiet)
     layout = StoreLayout.default()
@@ -34,6 +35,6 @@ def ls(json: JsonOpt = False, quiet: QuietOpt = False) -> None:
         for m in models
     ]
     out.table(("NAME", "ID", "SIZE", "MODIFIED", "ENGINE", "FORMAT"), rows)
-    total = store_size(layout, models)
+    total = store_size(models)
     out.info(f"{len(models)} model{'s' if len(models) != 1 else ''}, {format_bytes(total)}"
              f" in {layout.root}")

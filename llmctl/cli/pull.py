@@ -26,8 +26,9 @@ def pull(
     Files already on this machine are linked into the store, never copied. stdout gets
     the name of each stored model (--json: its manifest, one JSON line per model).
 
-    **Examples**
+    Examples:
 
+    \b
         llmctl pull smollm2
         llmctl pull ./models/mistral-7b-instruct.Q4_K_M.gguf --name mistral:7b
         llmctl pull -q smollm2 gemma3

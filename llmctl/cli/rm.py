@@ -21,8 +21,9 @@ def rm(
     Files another stored model still uses are kept. Files linked from elsewhere (a pip
     package, your own folder) stay where they are; only the store's link goes.
 
-    **Examples**
+    Examples:
 
+    \b
         llmctl rm smollm2 --dry-run
         llmctl rm -y smollm2:135m gemma3:270m
     """

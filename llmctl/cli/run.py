@@ -10,9 +10,6 @@ import typer
 from llmctl.cli.common import JsonOpt, ModelArg
 from llmctl.cli.output import Output, format_bytes
 
-Sampling = "Sampling"
-Engine = "Engine"
-
 
 def run(
     model: ModelArg,
@@ -21,24 +18,23 @@ def run(
         show_default=False)] = None,
     system: Annotated[str | None, typer.Option(help="A system prompt.")] = None,
     temperature: Annotated[float, typer.Option(
-        min=0.0, help="0 picks the likeliest token every time.", rich_help_panel=Sampling)] = 0.8,
-    top_p: Annotated[float, typer.Option(min=0.0, max=1.0, rich_help_panel=Sampling)] = 0.95,
-    top_k: Annotated[int, typer.Option(min=0, help="0 turns it off.",
-                                       rich_help_panel=Sampling)] = 40,
+        min=0.0, help="0 picks the likeliest token every time.")] = 0.8,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.95,
+    top_k: Annotated[int, typer.Option(min=0, help="0 turns it off.")] = 40,
     seed: Annotated[int | None, typer.Option(
         min=0, help="Same seed and options, same output. [default: random]",
-        rich_help_panel=Sampling, show_default=False)] = None,
+        show_default=False)] = None,
     max_tokens: Annotated[int | None, typer.Option(
         min=1, help="Stop after this many tokens. [default: until the model stops]",
         show_default=False)] = None,
     ctx: Annotated[int | None, typer.Option(
         min=16, help="Context length in tokens. [default: the model's, at most 4096]",
-        rich_help_panel=Engine, show_default=False)] = None,
+        show_default=False)] = None,
     threads: Annotated[int | None, typer.Option(
-        min=1, help="CPU threads. [default: physical cores]", rich_help_panel=Engine,
+        min=1, help="CPU threads. [default: physical cores]",
         show_default=False)] = None,
     engine: Annotated[str | None, typer.Option(
-        help="Engine to use. [default: chosen by the model's format]", rich_help_panel=Engine,
+        help="Engine to use. [default: chosen by the model's format]",
         show_default=False)] = None,
     json: JsonOpt = False,
     verbose: Annotated[bool, typer.Option(
@@ -50,8 +46,9 @@ def run(
     Lines: {"type": "token", "text": ...} per piece of text, then {"type": "done", ...}
     with token counts, timings and tokens/s.
 
-    **Examples**
+    Examples:
 
+    \b
         llmctl run smollm2 "What is the capital of France?"
         cat notes.txt | llmctl run smollm2 "Summarise this in three bullet points."
         llmctl run smollm2 --temperature 0 --json "Hi" | jq -r 'select(.type=="token").text'

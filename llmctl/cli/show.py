@@ -20,8 +20,9 @@ def show(
 ) -> None:
     """Show a stored model: its files, source and the metadata in its GGUF header.
 
-    **Examples**
+    Examples:
 
+    \b
         llmctl show smollm2
         llmctl show smollm2 --json | jq .summary.context_length
         llmctl show smollm2 --template

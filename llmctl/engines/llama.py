@@ -106,7 +106,17 @@ class LlamaEngine:
         self.template = template.decode("utf-8") if template else None
         self.bos_text = self._special_text(lib.llama_vocab_bos(self.vocab))
         self.eos_text = self._special_text(lib.llama_vocab_eos(self.vocab))
+        self._warm_up()
         self.load_seconds = time.perf_counter() - started
+
+    def _warm_up(self) -> None:
+        """Decode one token and forget it, as llama.cpp's own tools do after loading: the
+        first single-token decode allocates its compute graph and pages weights in, a cost
+        that belongs to loading, not to the first reply's tokens/s."""
+        token = self.lib.llama_vocab_bos(self.vocab)
+        warm = (self.lib.llama_token * 1)(max(token, 0))
+        self._decode(warm, 1)
+        self.lib.llama_memory_clear(self.lib.llama_get_memory(self.ctx), True)
 
     # -- text <-> tokens -------------------------------------------------------------------
 

@@ -133,3 +133,21 @@ def iter_manifests(layout: StoreLayout) -> Iterator[Manifest]:
 
 def modified_time(layout: StoreLayout, manifest: Manifest) -> float:
     return layout.manifest_path(manifest.name, manifest.tag).stat().st_mtime
+
+
+@dataclass(frozen=True)
+class StoredModel:
+    manifest: Manifest
+    modified: float  # when the model was stored (the manifest's mtime), seconds since epoch
+
+
+def list_models(layout: StoreLayout) -> list[StoredModel]:
+    """What `ls` shows. Kept here, beside the manifests, so that listing imports nothing
+    more: `ls` runs in scripts' loops and on shell completion."""
+    return [StoredModel(m, modified_time(layout, m)) for m in iter_manifests(layout)]
+
+
+def store_size(models: list[StoredModel]) -> int:
+    """Bytes the models use, each blob counted once however many models share it."""
+    sizes = {f.digest: f.size for model in models for f in model.manifest.files}
+    return sum(sizes.values())

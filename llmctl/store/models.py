@@ -1,8 +1,6 @@
-"""Stored models as `ls`, `rm` and `show` see them.
+"""Stored models as `rm` and `show` see them: removal plans, checked files, details.
 
-`ls` runs on every start of a shell completion and in scripts' loops: this module imports
-only what listing needs at the top; name resolution and GGUF reading come in with the
-functions that use them.
+Name resolution and GGUF reading are imported by the functions that use them.
 """
 
 from __future__ import annotations
@@ -20,23 +18,6 @@ from llmctl.store.manifest import Manifest
 if TYPE_CHECKING:
     from llmctl.store.catalog import Catalog
     from llmctl.store.gguf_header import GGUFHeader
-
-
-@dataclass(frozen=True)
-class StoredModel:
-    manifest: Manifest
-    modified: float  # when the model was stored (the manifest's mtime), seconds since epoch
-
-
-def list_models(layout: StoreLayout) -> list[StoredModel]:
-    return [StoredModel(m, manifests.modified_time(layout, m))
-            for m in manifests.iter_manifests(layout)]
-
-
-def store_size(layout: StoreLayout, models: list[StoredModel]) -> int:
-    """Bytes the models use, each blob counted once however many models share it."""
-    sizes = {f.digest: f.size for model in models for f in model.manifest.files}
-    return sum(sizes.values())
 
 
 @dataclass(frozen=True)
