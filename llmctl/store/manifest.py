@@ -7,18 +7,22 @@ model is listed only once every file it names is in place and verified.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from llmctl.store.layout import StoreLayout, write_atomically
 
 SCHEMA_VERSION = 1
+
+
+def _now() -> str:
+    from datetime import UTC, datetime
+
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 @dataclass(frozen=True)
@@ -38,8 +42,10 @@ class Manifest:
     files: list[ManifestFile]
     source: dict[str, Any] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
-    created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    created: str = field(default_factory=_now)
     schema: int = SCHEMA_VERSION
+    # The digest as last written, so that listing need not hash (nor import hashlib).
+    stored_digest: str | None = field(default=None, repr=False, compare=False)
 
     @property
     def reference(self) -> str:
@@ -48,6 +54,10 @@ class Manifest:
     @property
     def digest(self) -> str:
         """A digest of the model's content (its files), stable across re-pulls and tags."""
+        if self.stored_digest:
+            return self.stored_digest
+        import hashlib
+
         lines = sorted(f"{f.digest} {f.name}\n" for f in self.files)
         return "sha256:" + hashlib.sha256("".join(lines).encode()).hexdigest()
 
@@ -66,6 +76,7 @@ class Manifest:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
+        del data["stored_digest"]
         data["id"] = self.id
         data["digest"] = self.digest
         data["size"] = self.size
@@ -84,6 +95,7 @@ class Manifest:
             metadata=data.get("metadata", {}),
             created=data["created"],
             schema=data.get("schema", SCHEMA_VERSION),
+            stored_digest=data.get("digest"),
         )
 
 
