@@ -37,7 +37,7 @@ def show(
     if template:
         chat_template = details.metadata.get("tokenizer.chat_template")
         if chat_template is None:
-            out.info(f"{manifest.reference} has no chat template")
+            out.error(f"{manifest.reference} has no chat template")
             raise typer.Exit(1)
         out.line(chat_template)
         return

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Literal, Protocol
 
 Role = Literal["system", "user", "assistant"]
@@ -88,7 +87,3 @@ class TextEngine(Protocol):
         ...
 
     def close(self) -> None: ...
-
-
-class TextEngineLoader(Protocol):
-    def __call__(self, path: Path, options: LoadOptions) -> TextEngine: ...
