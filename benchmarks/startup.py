@@ -85,6 +85,11 @@ def main() -> None:
         bare = Path(scratch) / "bare_typer.py"
         bare.write_text(BARE_APP.format(commands=COMMANDS))
         env = {**os.environ, "LLMCTL_HOME": str(home)}
+        # Measure what a user sees after the first run: Python caches compiled modules
+        # (.pyc). Some CI and sandbox shells set PYTHONDONTWRITEBYTECODE, which would make
+        # every run recompile llmctl's (editable, never precompiled) sources while pip's
+        # precompiled typer and rich are spared.
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
         cases = {
             "llmctl --help": [llmctl, "--help"],
             f"llmctl ls ({args.models} models)": [llmctl, "ls"],
