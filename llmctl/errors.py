@@ -53,6 +53,23 @@ class VerificationFailed(LlmctlError):
         self.reason = reason
 
 
+class InsufficientResources(LlmctlError):
+    """Not enough disk space or memory for what was asked: `need` and `have` in bytes."""
+
+    def __init__(self, what: str, need: int, have: int, where: str = "", hint: str = ""):
+        super().__init__(what)
+        self.what = what  # "disk space" | "memory"
+        self.need = need
+        self.have = have
+        self.where = where
+        self.hint = hint
+
+
+class DownloadFailed(LlmctlError):
+    """A download could not complete (server errors, dropped connections after every
+    retry, HTTP 4xx). What was downloaded so far is kept for the next attempt."""
+
+
 class EngineUnavailable(LlmctlError):
     def __init__(self, engine: str, reason: str, install: str | None = None):
         super().__init__(f"{engine}: {reason}")

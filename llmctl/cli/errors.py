@@ -45,6 +45,15 @@ def _verification(e: errors.VerificationFailed) -> str:
     return f"{e.path}: {e.reason}"
 
 
+def _resources(e: errors.InsufficientResources) -> str:
+    from llmctl.cli.output import format_bytes
+
+    where = f" in {e.where}" if e.where else ""
+    text = (f"not enough {e.what}{where}: need {format_bytes(e.need)}, "
+            f"have {format_bytes(e.have)}")
+    return f"{text}; {e.hint}" if e.hint else text
+
+
 def _engine(e: errors.EngineUnavailable) -> str:
     return f"the {e.engine} engine cannot run here: {e.reason}" + (
         f"; install it: {e.install}" if e.install else "")
@@ -62,6 +71,8 @@ TABLE: list[tuple[type[BaseException], int, Callable[[Any], str]]] = [
     (errors.AmbiguousReference, USAGE, _ambiguous),
     (errors.SourceUnavailable, NOT_FOUND, _unavailable),
     (errors.VerificationFailed, VERIFICATION, _verification),
+    (errors.InsufficientResources, RESOURCES, _resources),
+    (errors.DownloadFailed, FAILURE, str),
     (errors.EngineUnavailable, FAILURE, _engine),
     (errors.EngineFailure, FAILURE, str),
 ]

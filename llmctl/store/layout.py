@@ -4,6 +4,8 @@
       blobs/sha256-<hex>          every model file, once, named by its content
       manifests/<name>/<tag>.json one per stored model; written last, atomically
       tmp/                        work in progress, same filesystem as blobs (for renames)
+        downloads/<key>.part      a download in progress, with <key>.json (its state)
+        locks/<key>.lock          held by the llmctl pulling that model or file
       store.lock                  held while manifests or blobs change
 """
 
@@ -11,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,17 +69,42 @@ class StoreLayout:
         see either the old or the new one.
         """
         self.ensure()
-        with open(self.root / "store.lock", "a+b") as handle:
-            try:
-                import fcntl
-            except ImportError:  # Windows: no advisory locks; single-process use only
-                yield
-                return
+        with named_lock(self.root / "store.lock"):
+            yield
+
+    @property
+    def downloads(self) -> Path:
+        return self.tmp / "downloads"
+
+    def work_lock(self, key: str, on_wait: Callable[[], None] | None = None
+                  ) -> contextlib.AbstractContextManager[None]:
+        """Held while one process pulls one thing (a model, a file): a second `llmctl
+        pull` of the same thing waits for the first, then finds it done."""
+        return named_lock(self.tmp / "locks" / f"{key}.lock", on_wait)
+
+
+@contextlib.contextmanager
+def named_lock(path: Path, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+    """An exclusive lock between processes on `path`, released when the holder exits or
+    is killed (the kernel drops flock locks with the process). `on_wait` is called once
+    if another process holds it, before waiting for it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+b") as handle:
+        try:
+            import fcntl
+        except ImportError:  # Windows: no advisory locks; single-process use only
+            yield
+            return
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait:
+                on_wait()
             fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def write_atomically(path: Path, data: bytes) -> None:

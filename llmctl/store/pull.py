@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from llmctl.errors import ModelNotFound, SourceUnavailable, UsageError, VerificationFailed
 from llmctl.store import manifest as manifests
@@ -33,7 +33,14 @@ from llmctl.store.names import (
     sanitize_name,
     suggestions,
 )
-from llmctl.store.sources import LocalFiles, SourceMissing, bundled, local
+from llmctl.store.sources import (
+    LocalFiles,
+    ModelFormat,
+    SourceMissing,
+    bundled,
+    detect_format,
+    local,
+)
 
 
 @dataclass(frozen=True)
@@ -50,10 +57,19 @@ OnEvent = Callable[[PullEvent], None]
 
 
 @dataclass(frozen=True)
+class PullOptions:
+    """How network sources download: parts fetched at once per file, and a cap on the
+    total speed in bytes per second (None: no cap)."""
+
+    parts: int = 4
+    rate_limit: int | None = None
+
+
+@dataclass(frozen=True)
 class PullResult:
     manifest: Manifest
     status: Literal["pulled", "exists"]
-    how: str = "existing"  # "hardlink" | "symlink" | "copy" | "existing"
+    how: str = "existing"  # "hardlink" | "symlink" | "copy" | "downloaded" | "existing"
 
 
 @dataclass(frozen=True)
@@ -73,9 +89,10 @@ def _quiet(_event: PullEvent) -> None:
     pass
 
 
-def _split_target(name: str | None, default_name: str) -> tuple[str, str]:
+def _split_target(name: str | None, default_name: str, default_tag: str = DEFAULT_TAG
+                  ) -> tuple[str, str]:
     if not name:
-        return default_name, DEFAULT_TAG
+        return default_name, default_tag
     ref = parse_reference(name)
     if not isinstance(ref, NameRef):
         raise UsageError(f"--name '{name}' is not a model name", hint="use NAME[:TAG]")
@@ -90,46 +107,66 @@ def _register(
     tag: str,
     expected_sha256: str | None,
     on_event: OnEvent,
-    kind: str = "text",
-    engine: str = "llama",
-    format: str = "gguf",
+    model_format: ModelFormat | None = None,
 ) -> PullResult:
-    """Hash and check the files, then link them and write the manifest. Only GGUF files
-    are read and checked here; other formats arrive with their engines."""
+    """Hash and check the files, then put them in the store (linked, or moved when they
+    are llmctl's own downloads) and write the manifest. GGUF headers are checked here;
+    other formats are checked by their engines."""
     blobs = BlobStore(layout)
     reference = f"{name}:{tag}"
     layout.ensure()
+    names = files.file_names
+    if files.joined:
+        names = [f"{name.split('/')[-1]}.gguf"]
+    model_format = model_format or detect_format(names)
+    if model_format is None:
+        raise UsageError(f"cannot tell what kind of model {reference} is from its files "
+                         f"({', '.join(names[:5])})",
+                         hint="llmctl stores GGUF, MLX, diffusers and Core ML models")
 
     def progress(status: str) -> Callable[[int, int], None]:
         return lambda done, total: on_event(PullEvent(reference, status, done, total))
 
     tmp: Path | None = None
     try:
+        # (path, digest, size, moved into the store rather than linked)
+        staged: list[tuple[Path, str, int, bool]] = []
         if files.joined:
             tmp, digest, size = blobs.join_into_temp(files.paths, progress("joining parts"))
-            checked = tmp
+            staged.append((tmp, digest, size, True))
         else:
-            checked = files.paths[0]
-            digest = sha256_file(checked, progress("verifying sha256"))
-            size = checked.stat().st_size
-        if expected_sha256 and digest != "sha256:" + expected_sha256.removeprefix("sha256:"):
-            raise VerificationFailed(
-                reference,
-                f"sha256 of {files.paths[0]} is {digest.removeprefix('sha256:')}, "
-                f"expected {expected_sha256}",
-            )
-        header = read_header(checked)
-        file_name = files.paths[0].name if not files.joined else f"{name.split('/')[-1]}.gguf"
+            for i, path in enumerate(files.paths):
+                if files.digests:
+                    digest = files.digests[i]
+                else:
+                    label = "verifying sha256" if len(names) == 1 else f"verifying {names[i]}"
+                    digest = sha256_file(path, progress(label))
+                staged.append((path, digest, path.stat().st_size, files.owned))
+        if expected_sha256 and len(staged) == 1:
+            digest = staged[0][1]
+            if digest != "sha256:" + expected_sha256.removeprefix("sha256:"):
+                raise VerificationFailed(
+                    reference,
+                    f"sha256 of {files.paths[0]} is {digest.removeprefix('sha256:')}, "
+                    f"expected {expected_sha256}",
+                )
+        metadata: dict[str, Any] = {}
+        if model_format.format == "gguf":
+            metadata = read_header(staged[0][0]).summary()
         manifest = Manifest(
-            name=name, tag=tag, kind=kind, engine=engine, format=format,
-            files=[ManifestFile(file_name, digest, size)],
-            source=files.origin, metadata=header.summary(),
+            name=name, tag=tag, kind=model_format.kind, engine=model_format.engine,
+            format=model_format.format,
+            files=[ManifestFile(n, digest, size)
+                   for n, (_, digest, size, _) in zip(names, staged, strict=True)],
+            source=files.origin, metadata=metadata,
         )
         on_event(PullEvent(reference, "writing manifest"))
         # Linking and the manifest go together under the lock, so that an `rm` running at
         # the same time cannot delete a blob this model is about to use.
+        hows = set()
         with layout.lock():
-            how = blobs.adopt(tmp, digest) if tmp else blobs.link(checked, digest)
+            for path, digest, _, move in staged:
+                hows.add(blobs.adopt(path, digest) if move else blobs.link(path, digest))
             tmp = None
             manifests.save(layout, manifest)
     finally:
@@ -137,33 +174,54 @@ def _register(
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
     on_event(PullEvent(reference, "success"))
+    how = "downloaded" if files.owned else next(iter(hows)) if len(hows) == 1 else "hardlink"
     return PullResult(manifest, "pulled", how)
 
 
-def _from_catalog(layout: StoreLayout, match: CatalogMatch, on_event: OnEvent) -> PullResult:
+def _file_progress(reference: str, on_event: OnEvent) -> Callable[[str, int, int], None]:
+    """Sources report (file name, bytes done, bytes total) per file being fetched."""
+    return lambda file, done, total: on_event(
+        PullEvent(reference, f"pulling {file}", done, total))
+
+
+def _from_catalog(layout: StoreLayout, match: CatalogMatch, on_event: OnEvent,
+                  options: PullOptions) -> PullResult:
     reasons = []
-    for source in match.entry.sources:
+    entry = match.entry
+    progress = _file_progress(match.reference, on_event)
+    for source in entry.sources:
+        expected = source.sha256(match.quantization or "")
         try:
             if source.type == "package":
                 files = bundled.locate(source.options)
             elif source.type == "hf":
-                if source.file(match.quantization) is None:
+                if match.quantization and source.file(match.quantization) is None:
                     continue  # this repository does not publish that quantization
-                raise SourceMissing(f"hf://{source.options['repo']}: downloading from "
-                                    "Hugging Face is not in this version of llmctl yet")
+                from llmctl.store.sources import hf
+
+                files = hf.fetch_catalog_source(source.options, match.quantization,
+                                                on_progress=progress)
+            elif source.type == "url":
+                from llmctl.store.sources import url
+
+                files = url.fetch_catalog_source(layout, source.options, options,
+                                                 on_progress=progress)
+                expected = None  # checked by the downloader itself
             else:
                 raise SourceMissing(f"unknown source type '{source.type}'")
         except SourceMissing as exc:
             reasons.append(str(exc))
             continue
         origin = dict(files.origin, quantization=match.quantization)
-        files = LocalFiles(files.paths, files.joined, origin)
-        entry = match.entry
+        files = replace(files, origin=origin)
         return _register(layout, files, name=entry.name, tag=match.tag,
-                         expected_sha256=source.sha256(match.quantization or ""),
-                         on_event=on_event, kind=entry.kind, engine=entry.engine,
-                         format=entry.format)
+                         expected_sha256=expected, on_event=on_event,
+                         model_format=ModelFormat(entry.kind, entry.engine, entry.format))
     raise SourceUnavailable(match.reference, reasons)
+
+
+def _waiting(reference: str, on_event: OnEvent) -> Callable[[], None]:
+    return lambda: on_event(PullEvent(reference, "waiting for another llmctl pulling it"))
 
 
 def pull(
@@ -173,29 +231,57 @@ def pull(
     *,
     name: str | None = None,
     force: bool = False,
+    options: PullOptions = PullOptions(),
     on_event: OnEvent = _quiet,
 ) -> PullResult:
-    """Store the model `text` names. A model already stored is left alone unless `force`."""
+    """Store the model `text` names. A model already stored is left alone unless `force`.
+
+    Two processes pulling the same model take turns (a lock per model): the second finds
+    the model stored by the first and downloads nothing."""
     ref = parse_reference(text)
-    if isinstance(ref, HubRef | UrlRef):
-        raise UsageError(
-            f"cannot pull '{text}': downloads from hf:// and https:// are not in this "
-            "version of llmctl yet",
-            hint="pull a catalog model (llmctl pull smollm2) or a local .gguf file",
-        )
     if isinstance(ref, PathRef):
         files = local.locate(ref.path)
         target_name, tag = _split_target(name, sanitize_name(files.paths[0].stem))
         return _register(layout, files, name=target_name, tag=tag, expected_sha256=None,
                          on_event=on_event)
-    if name:
-        raise UsageError("--name applies only to pulls from a path")
-    if not force and (stored := find_stored(layout, catalog, ref)):
-        return PullResult(stored, "exists")
-    match = catalog.find(ref.name, ref.tag)
-    if match is None:
-        raise ModelNotFound(text, suggestions(text, layout, catalog))
-    return _from_catalog(layout, match, on_event)
+    if isinstance(ref, HubRef):
+        from llmctl.store.sources import hf
+
+        target_name, tag = _split_target(name, *hf.model_name(ref))
+    elif isinstance(ref, UrlRef):
+        from llmctl.store.sources import url
+
+        target_name, tag = _split_target(name, url.model_name(ref))
+    else:
+        if name:
+            raise UsageError("--name applies only to pulls from a path, hf:// or a URL")
+        match = None
+        if force or not (stored := find_stored(layout, catalog, ref)):
+            match = catalog.find(ref.name, ref.tag)
+            if match is None:
+                raise ModelNotFound(text, suggestions(text, layout, catalog))
+            target_name, tag = match.entry.name, match.tag
+        else:
+            return PullResult(stored, "exists")
+    reference = f"{target_name}:{tag}"
+    with layout.work_lock(_lock_key(reference), _waiting(reference, on_event)):
+        if not force and (stored := manifests.load(layout, target_name, tag)):
+            return PullResult(stored, "exists")
+        if isinstance(ref, HubRef):
+            files = hf.fetch(ref, on_progress=_file_progress(reference, on_event))
+            return _register(layout, files, name=target_name, tag=tag, expected_sha256=None,
+                             on_event=on_event)
+        if isinstance(ref, UrlRef):
+            files = url.fetch(layout, ref, options,
+                              on_progress=_file_progress(reference, on_event))
+            return _register(layout, files, name=target_name, tag=tag, expected_sha256=None,
+                             on_event=on_event)
+        assert match is not None
+        return _from_catalog(layout, match, on_event, options)
+
+
+def _lock_key(reference: str) -> str:
+    return "pull-" + reference.replace("/", "--").replace(":", "@")
 
 
 def runnable(
@@ -213,8 +299,11 @@ def runnable(
         header = read_header(path)
         return Runnable(path, path.stem, "text", "gguf", "llama", header, None)
     if isinstance(ref, HubRef | UrlRef):
-        raise UsageError(f"cannot run '{text}' directly",
-                         hint="network sources come in a later version; pull a catalog model")
+        # As Ollama does for hf.co/... names: pull first (nothing if stored), then run.
+        manifest = pull(text, layout, catalog, on_event=on_event).manifest
+        path, header = check_file(layout, manifest)
+        return Runnable(path, manifest.reference, manifest.kind, manifest.format,
+                        manifest.engine, header, manifest)
     manifest = find_stored(layout, catalog, ref)
     if manifest is None and ref.tag is None:
         manifest = find_by_digest(layout, ref.name)
@@ -223,7 +312,7 @@ def runnable(
         if match is None:
             raise ModelNotFound(text, suggestions(text, layout, catalog))
         on_event(PullEvent(match.reference, "pulling (not in the store yet)"))
-        manifest = _from_catalog(layout, match, on_event).manifest
+        manifest = pull(str(ref), layout, catalog, on_event=on_event).manifest
     path, header = check_file(layout, manifest)
     return Runnable(path, manifest.reference, manifest.kind, manifest.format, manifest.engine,
                     header, manifest)

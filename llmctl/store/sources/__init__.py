@@ -1,9 +1,15 @@
-"""Where a model's files come from. Each module turns one kind of source into local files."""
+"""Where a model's files come from. Each module turns one kind of source into local files.
+
+    bundled.py   files shipped in a pip-installed package
+    local.py     a file or folder the user names
+    url.py       plain https:// downloads (through llmctl.store.download)
+    hf.py        Hugging Face repositories (through huggingface_hub and its cache)
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 
@@ -14,10 +20,51 @@ class SourceMissing(Exception):
 
 @dataclass(frozen=True)
 class LocalFiles:
-    """Files on this machine that make up a model, ready to be linked into the store."""
+    """Files on this machine that make up a model, ready to be put into the store."""
 
     paths: list[Path]
     # True when the paths are consecutive parts of one file (a model split into chunks).
     joined: bool = False
     # Recorded in the manifest as where the model came from.
     origin: dict[str, Any] = field(default_factory=dict)
+    # Each file's name inside the model ("model.gguf", "unet/config.json"); default: the
+    # path's own name. Several files make a folder model (MLX, diffusers, Core ML).
+    names: list[str] | None = None
+    # sha256 digests ("sha256:<hex>") already known for the paths, e.g. computed while
+    # downloading, so that the files are not read a second time.
+    digests: list[str] | None = None
+    # True when the paths are temporary files of llmctl's own (downloads): they are moved
+    # into the store. Otherwise they belong to someone else and are linked.
+    owned: bool = False
+
+    @property
+    def file_names(self) -> list[str]:
+        return self.names if self.names is not None else [p.name for p in self.paths]
+
+
+@dataclass(frozen=True)
+class ModelFormat:
+    kind: str  # "text" | "image"
+    engine: str  # the engine that runs it by default
+    format: str  # "gguf" | "safetensors" | "mlx" | "diffusers" | "coreml"
+
+
+GGUF = ModelFormat("text", "llama", "gguf")
+
+
+def detect_format(names: list[str]) -> ModelFormat | None:
+    """What a set of files is, from their names: None when llmctl cannot tell."""
+    paths = [PurePosixPath(n) for n in names]
+    top = {p.parts[0] for p in paths}
+    suffixes = {s.lower() for p in paths for s in p.suffixes}
+    if len(paths) == 1 and paths[0].suffix.lower() == ".gguf":
+        return GGUF
+    if "model_index.json" in top:
+        return ModelFormat("image", "diffusers", "diffusers")
+    if suffixes & {".mlmodelc", ".mlpackage"}:
+        return ModelFormat("image", "coreml", "coreml")
+    if "config.json" in top and ".safetensors" in suffixes:
+        # mlx-lm reads Hugging Face safetensors checkpoints as they are; MLX's own
+        # conversions differ only by a "quantization" entry in config.json.
+        return ModelFormat("text", "mlx", "safetensors")
+    return None
