@@ -16,7 +16,7 @@ SHIPPED = Path(__file__).resolve().parent.parent / "data" / "catalog"
 
 @dataclass(frozen=True)
 class CatalogSource:
-    type: str  # "package" | "hf"
+    type: str  # "package" | "hf" | "url"
     options: dict[str, Any]
 
     @property
@@ -27,7 +27,10 @@ class CatalogSource:
         return _get_folded(self.files, quantization)
 
     def sha256(self, quantization: str) -> str | None:
-        return _get_folded(self.options.get("sha256", {}), quantization)
+        value = self.options.get("sha256", {})
+        if isinstance(value, str):  # a source of one file (type "url")
+            return value
+        return _get_folded(value, quantization)
 
 
 @dataclass(frozen=True)

@@ -99,7 +99,7 @@ def _split_target(name: str | None, default_name: str, default_tag: str = DEFAUL
     return ref.name, ref.tag or DEFAULT_TAG
 
 
-def _register(
+def register(
     layout: StoreLayout,
     files: LocalFiles,
     *,
@@ -214,7 +214,7 @@ def _from_catalog(layout: StoreLayout, match: CatalogMatch, on_event: OnEvent,
             continue
         origin = dict(files.origin, quantization=match.quantization)
         files = replace(files, origin=origin)
-        return _register(layout, files, name=entry.name, tag=match.tag,
+        return register(layout, files, name=entry.name, tag=match.tag,
                          expected_sha256=expected, on_event=on_event,
                          model_format=ModelFormat(entry.kind, entry.engine, entry.format))
     raise SourceUnavailable(match.reference, reasons)
@@ -242,7 +242,7 @@ def pull(
     if isinstance(ref, PathRef):
         files = local.locate(ref.path)
         target_name, tag = _split_target(name, sanitize_name(files.paths[0].stem))
-        return _register(layout, files, name=target_name, tag=tag, expected_sha256=None,
+        return register(layout, files, name=target_name, tag=tag, expected_sha256=None,
                          on_event=on_event)
     if isinstance(ref, HubRef):
         from llmctl.store.sources import hf
@@ -269,12 +269,12 @@ def pull(
             return PullResult(stored, "exists")
         if isinstance(ref, HubRef):
             files = hf.fetch(ref, on_progress=_file_progress(reference, on_event))
-            return _register(layout, files, name=target_name, tag=tag, expected_sha256=None,
+            return register(layout, files, name=target_name, tag=tag, expected_sha256=None,
                              on_event=on_event)
         if isinstance(ref, UrlRef):
             files = url.fetch(layout, ref, options,
                               on_progress=_file_progress(reference, on_event))
-            return _register(layout, files, name=target_name, tag=tag, expected_sha256=None,
+            return register(layout, files, name=target_name, tag=tag, expected_sha256=None,
                              on_event=on_event)
         assert match is not None
         return _from_catalog(layout, match, on_event, options)
