@@ -6,6 +6,7 @@ import functools
 import importlib
 import os
 import sys
+from collections.abc import Callable
 from typing import Annotated
 
 import typer
@@ -18,12 +19,17 @@ from llmctl import __version__
 # Command name -> the one line `llmctl --help` shows (a test keeps it equal to the first
 # line of the command's docstring). Modules are imported only when their command runs.
 COMMANDS = {
-    "pull": "Store models from the catalog, an installed package or a local file.",
+    "pull": "Store models from the catalog, Hugging Face, a URL or a local file.",
     "ls": "List stored models.",
     "rm": "Remove models from the store.",
     "show": "Show a stored model: its files, source and the metadata in its GGUF header.",
     "run": "Run a model on one prompt and stream the reply to stdout.",
+    "import": "Register models already on disk (Ollama's store, the Hugging Face cache).",
+    "catalog": "Manage the catalog: add your own models, list, export and import entries.",
 }
+# A command whose name is a Python keyword lives in a module (and function) named with a
+# trailing underscore.
+MODULES = {"import": "import_"}
 # Plain help, as git and Ollama print it: no rich import on start-up (it costs more than
 # the rest of `llmctl --help` together), nothing to strip when piped into a pager or a file.
 MARKUP = None
@@ -57,12 +63,25 @@ class LazyCommands(TyperGroup):
             self._listing = False
 
 
+def command_function(name: str) -> Callable[..., None]:
+    """The function behind a command (a group's: the one whose docstring is its help)."""
+    module = MODULES.get(name, name)
+    return getattr(importlib.import_module(f"llmctl.cli.{module}"), module)
+
+
 @functools.cache
 def _build(name: str) -> Command:
-    module = importlib.import_module(f"llmctl.cli.{name}")
+    function = command_function(name)
+    # A command group (`catalog add|rm|...`) lists its subcommands beside its function.
+    subcommands = getattr(sys.modules[function.__module__], "SUBCOMMANDS", None)
     single = typer.Typer(rich_markup_mode=MARKUP, pretty_exceptions_enable=False,
-                         add_completion=False)
-    single.command(name)(getattr(module, name))
+                         add_completion=False, no_args_is_help=bool(subcommands))
+    if subcommands:
+        single.callback()(function)
+        for sub, sub_function in subcommands.items():
+            single.command(sub)(sub_function)
+    else:
+        single.command(name)(function)
     return typer.main.get_command(single)
 
 
@@ -91,7 +110,7 @@ def _options(
         "--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
 ) -> None:
-    """Run AI models on your own machine: pull, ls, rm, show, run."""
+    """Run AI models on your own machine: pull, ls, rm, show, run, import, catalog."""
 
 
 def main() -> None:
@@ -122,7 +141,8 @@ def _report(exc: BaseException) -> int:
         # complaining while it flushes stdout on the way out.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return errors.FAILURE
-    if isinstance(exc, NoArgsIsHelpError):  # `llmctl` alone: the help was shown
+    if isinstance(exc, NoArgsIsHelpError):  # `llmctl` or `llmctl catalog` alone: the help
+        sys.stdout.write(exc.format_message() + "\n")  # (outside standalone mode, unshown)
         return errors.OK
     if isinstance(exc, ClickException):  # usage errors: bad options, missing arguments
         ctx = getattr(exc, "ctx", None)

@@ -10,40 +10,68 @@ from llmctl.cli.common import JsonOpt, QuietOpt, complete_model
 from llmctl.cli.output import Output, format_bytes
 
 
+def _rate(text: str) -> int:
+    """Bytes per second from "500K", "10M", "1.5G" (binary units, as curl's --limit-rate)."""
+    units = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
+    number, unit = text.strip().upper().removesuffix("B"), ""
+    if number and number[-1] in "KMG":
+        number, unit = number[:-1], number[-1]
+    try:
+        value = int(float(number) * units[unit])
+    except ValueError:
+        raise typer.BadParameter(f"'{text}' is not a speed; use e.g. 500K, 10M, 1G") from None
+    if value <= 0:
+        raise typer.BadParameter("the rate limit must be above zero")
+    return value
+
+
 def pull(
     models: Annotated[list[str], typer.Argument(
-        metavar="MODEL", help="Catalog names (NAME[:TAG]) or paths to .gguf files.",
+        metavar="MODEL", help="Catalog names (NAME[:TAG]), hf://ORG/REPO[:QUANT][@REV], "
+        "https:// URLs (#sha256=HEX to verify) or paths to .gguf files.",
         autocompletion=complete_model, show_default=False)],
     name: Annotated[str | None, typer.Option(
-        "--name", help="Store a file pulled from a path as NAME[:TAG].")] = None,
+        "--name", help="Store a model pulled from a path, hf:// or a URL as NAME[:TAG].")
+    ] = None,
     force: Annotated[bool, typer.Option(
         "--force", help="Pull again even if the model is stored.")] = False,
+    parts: Annotated[int, typer.Option(
+        "--parts", min=1, max=16, help="Parts of a file downloaded at once (URLs).")] = 4,
+    rate_limit: Annotated[str | None, typer.Option(
+        "--rate-limit", metavar="RATE", help="Cap the download speed, e.g. 500K or 10M "
+        "(bytes per second).")] = None,
     json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Store models from the catalog, an installed package or a local file.
+    """Store models from the catalog, Hugging Face, a URL or a local file.
 
-    Files already on this machine are linked into the store, never copied. stdout gets
-    the name of each stored model (--json: its manifest, one JSON line per model).
+    Files already on this machine (a path, a pip package, the Hugging Face cache) are
+    linked into the store, never copied. An interrupted download continues where it
+    stopped when the same command runs again. stdout gets the name of each stored model
+    (--json: its manifest, one JSON line per model); progress goes to stderr.
 
     Examples:
 
     \b
         llmctl pull smollm2
+        llmctl pull hf://HuggingFaceTB/SmolLM2-135M-Instruct-GGUF:Q4_K_M
+        llmctl pull https://example.com/model.gguf#sha256=3f9a... --rate-limit 10M
         llmctl pull ./models/mistral-7b-instruct.Q4_K_M.gguf --name mistral:7b
         llmctl pull -q smollm2 gemma3
     """
     from llmctl.cli.common import open_store
+    from llmctl.store.pull import PullOptions
     from llmctl.store.pull import pull as pull_model
 
     if name and len(models) > 1:
         raise typer.BadParameter("--name needs exactly one MODEL", param_hint="--name")
+    options = PullOptions(parts=parts, rate_limit=_rate(rate_limit) if rate_limit else None)
     out = Output(json_mode=json, quiet=quiet)
     layout, catalog = open_store()
     with out.progress() as report:
         for text in models:
             result = pull_model(
-                text, layout, catalog, name=name, force=force,
+                text, layout, catalog, name=name, force=force, options=options,
                 on_event=lambda e: report(e.model, e.status, e.completed, e.total),
             )
             manifest = result.manifest
@@ -51,7 +79,8 @@ def pull(
                 out.info(f"{manifest.reference}: already in the store")
             else:
                 how = {"hardlink": "linked", "symlink": "linked (symbolic link)",
-                       "copy": "written", "existing": "reused a stored file"}[result.how]
+                       "copy": "written", "existing": "reused a stored file",
+                       "downloaded": "downloaded and verified"}[result.how]
                 out.info(f"{manifest.reference}: {format_bytes(manifest.size)}, {how}")
             if json:
                 out.json_line(manifest.to_dict())

@@ -169,6 +169,8 @@ def register(
                 hows.add(blobs.adopt(path, digest) if move else blobs.link(path, digest))
             tmp = None
             manifests.save(layout, manifest)
+        if files.cleanup:
+            files.cleanup()
     finally:
         if tmp is not None:
             with contextlib.suppress(FileNotFoundError):
@@ -205,7 +207,7 @@ def _from_catalog(layout: StoreLayout, match: CatalogMatch, on_event: OnEvent,
                 from llmctl.store.sources import url
 
                 files = url.fetch_catalog_source(layout, source.options, options,
-                                                 on_progress=progress)
+                                                 on_progress=progress, model=match.reference)
                 expected = None  # checked by the downloader itself
             else:
                 raise SourceMissing(f"unknown source type '{source.type}'")

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -36,6 +37,8 @@ class LocalFiles:
     # True when the paths are temporary files of llmctl's own (downloads): they are moved
     # into the store. Otherwise they belong to someone else and are linked.
     owned: bool = False
+    # Called once the store has the files (a download's leftovers are deleted then).
+    cleanup: Callable[[], None] | None = None
 
     @property
     def file_names(self) -> list[str]:
