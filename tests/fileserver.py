@@ -57,7 +57,7 @@ class FileServer:
         class Handler(_Handler):
             owner = server
 
-        self.httpd = ThreadingHTTPServer((self.host, 0), Handler)
+        self.httpd = _QuietServer((self.host, 0), Handler)
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
@@ -83,6 +83,12 @@ class FileServer:
         path = "/" + path.lstrip("/")
         with self.lock:
             return sum(r.sent for r in self.requests if r.path == path)
+
+
+class _QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request: object, client_address: object) -> None:
+        # Clients hang up mid-request on purpose here (a probe, a killed pull).
+        pass
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -218,3 +224,23 @@ def random_file(path: Path, size: int, seed: int = 0) -> Path:
             left -= block
     os.sync()
     return path
+
+
+def main() -> None:
+    """`python tests/fileserver.py FILE... [--rate BYTES_PER_S]`: serve files at /<name>
+    until killed; prints the port (benchmarks run the server in a process of its own)."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("files", nargs="+", type=Path)
+    parser.add_argument("--rate", type=int, default=None, help="per connection")
+    args = parser.parse_args()
+    with FileServer() as server:
+        for file in args.files:
+            server.add(file.name, file, Behaviour(rate=args.rate))
+        print(server.port, flush=True)
+        threading.Event().wait()
+
+
+if __name__ == "__main__":
+    main()

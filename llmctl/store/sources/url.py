@@ -91,7 +91,11 @@ def _fetch(layout: StoreLayout, request: downloader.DownloadRequest, options: Pu
         return LocalFiles([done.path], origin=origin, names=[name], digests=[done.digest],
                           owned=True, cleanup=lambda: downloader.forget(layout, done.key))
     target = layout.downloads / f"{done.key}.unpacked"
-    paths, names = unpack_archive(done.path, target, name)
+    try:
+        paths, names = unpack_archive(done.path, target, name)
+    except VerificationFailed:
+        downloader.forget(layout, done.key)  # a refused archive is not worth keeping
+        raise
     origin["archive"] = name
 
     def cleanup() -> None:
