@@ -87,10 +87,8 @@ def test_a_missing_engine_library_names_the_install_command() -> None:
 
 
 def test_help_summaries_match_the_commands_docstrings() -> None:
-    import importlib
-
-    from llmctl.cli.app import COMMANDS
+    from llmctl.cli.app import COMMANDS, command_function
 
     for name, summary in COMMANDS.items():
-        command = getattr(importlib.import_module(f"llmctl.cli.{name}"), name)
+        command = command_function(name)
         assert command.__doc__.strip().splitlines()[0] == summary, name

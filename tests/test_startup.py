@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -24,7 +25,9 @@ def imported_modules(*args: str, env: dict[str, str] | None = None) -> set[str]:
 
 
 @pytest.mark.parametrize("args", [("--help",), ("ls",), ("ls", "--json"), ("run", "--help"),
-                                  ("pull", "--help"), ("--version",)])
+                                  ("pull", "--help"), ("--version",), ("ls", "--available"),
+                                  ("ls", "--available", "--fits", "--json"),
+                                  ("catalog", "ls"), ("import", "--help")])
 def test_command_imports_nothing_heavy(args: tuple[str, ...]) -> None:
     modules = imported_modules(*args)
     assert "typer" in modules  # the measurement works
@@ -44,3 +47,16 @@ def test_model_name_completion_offers_catalog_models() -> None:
     result = subprocess.run([sys.executable, "-m", "llmctl"], capture_output=True, text=True,
                             env=env, timeout=60)
     assert "smollm2:135m" in result.stdout
+
+
+def test_scanning_the_hf_cache_imports_nothing_heavy(tmp_path: Path) -> None:
+    # `import --from hf-cache` reads the cache's folders itself: no huggingface_hub.
+    repo = tmp_path / "hub" / "models--org--repo"
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "blobs" / ("a" * 64)).write_bytes(b"GGUF")
+    (repo / "snapshots" / "c0ffee").mkdir(parents=True)
+    (repo / "snapshots" / "c0ffee" / "m-Q4_0.gguf").symlink_to("../../blobs/" + "a" * 64)
+    modules = imported_modules("import", "--from", "hf-cache", "--dry-run",
+                               env={"HF_HUB_CACHE": str(tmp_path / "hub"),
+                                    "LLMCTL_HOME": str(tmp_path / "home")})
+    assert not modules & HEAVY, f"import --dry-run imported {modules & HEAVY}"

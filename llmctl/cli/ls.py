@@ -1,13 +1,35 @@
-"""llmctl ls: the models in the store."""
+"""llmctl ls: the models in the store, or (--available) the ones the catalog knows."""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING, Annotated
+
+import typer
 
 from llmctl.cli.common import JsonOpt, QuietOpt
 from llmctl.cli.output import Output, format_age, format_bytes
 
+if TYPE_CHECKING:
+    from llmctl.store.catalog import AvailableModel
+    from llmctl.store.layout import StoreLayout
 
-def ls(json: JsonOpt = False, quiet: QuietOpt = False) -> None:
+
+def ls(
+    json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    available: Annotated[bool, typer.Option(
+        "--available", help="List the catalog's models (stored or not) instead.")] = False,
+    engine: Annotated[str | None, typer.Option(
+        help="Only models for this engine (llama, mlx, diffusers, coreml).")] = None,
+    kind: Annotated[str | None, typer.Option(help="Only text or image models.")] = None,
+    fits: Annotated[bool, typer.Option(
+        "--fits", help="With --available: only models that fit this machine's memory "
+                       "(LLMCTL_MEMORY_LIMIT overrides it).")] = False,
+) -> None:
     """List stored models.
+
+    With --available, the catalog's models: size, engine, kind, format, whether they fit
+    in memory, whether they are stored, and the quantizations to pull (NAME:TAG-QUANT).
 
     Examples:
 
@@ -15,13 +37,25 @@ def ls(json: JsonOpt = False, quiet: QuietOpt = False) -> None:
         llmctl ls
         llmctl ls -q | xargs llmctl rm -y
         llmctl ls --json | jq '.[].name'
+        llmctl ls --available --fits
+        llmctl ls --available --kind text --engine llama --json
     """
     from llmctl.store.layout import StoreLayout
-    from llmctl.store.manifest import list_models, store_size
 
     out = Output(json_mode=json, quiet=quiet)
     layout = StoreLayout.default()
-    models = list_models(layout)
+    if available:
+        _available(out, layout, engine, kind, fits)
+        return
+    if fits:
+        from llmctl.errors import UsageError
+
+        raise UsageError("--fits goes with --available", hint="try: llmctl ls --available --fits")
+    from llmctl.store.manifest import list_models, store_size
+
+    models = [m for m in list_models(layout)
+              if (not engine or m.manifest.engine == engine)
+              and (not kind or m.manifest.kind == kind)]
     if json:
         out.json([dict(m.manifest.to_dict(), modified=m.modified) for m in models])
         return
@@ -38,3 +72,35 @@ def ls(json: JsonOpt = False, quiet: QuietOpt = False) -> None:
     total = store_size(models)
     out.info(f"{len(models)} model{'s' if len(models) != 1 else ''}, {format_bytes(total)}"
              f" in {layout.root}")
+
+
+def _available(out: Output, layout: StoreLayout, engine: str | None, kind: str | None,
+               fits: bool) -> None:
+    from llmctl.store.catalog import Catalog, available
+
+    found = available(Catalog.default(layout.root), layout, engine=engine, kind=kind,
+                      fits=fits)
+    if out.json_mode:
+        out.json([m.to_dict() for m in found.models])
+        return
+    if out.quiet:
+        for model in found.models:
+            out.line(model.entry.reference)
+        return
+    out.table(("NAME", "SIZE", "ENGINE", "KIND", "FORMAT", "FITS", "STORED", "QUANTIZATIONS"),
+              [_row(m) for m in found.models])
+    memory = format_bytes(found.memory) if found.memory else "unknown"
+    fitting = sum(1 for m in found.models if m.fits)
+    out.info(f"{len(found.models)} model{'s' if len(found.models) != 1 else ''}, {fitting} "
+             f"fit in {memory} of memory; pull one with: llmctl pull NAME:TAG")
+
+
+def _row(model: AvailableModel) -> tuple[str, ...]:
+    entry = model.entry
+    fits = "?" if model.fits is None else "yes" if model.fits else "no"
+    # "yes" for the entry itself; a stored variant by its quantization ("q8_0").
+    stored = ["yes" if ref == entry.reference else ref.removeprefix(entry.reference + "-")
+              for ref in model.stored]
+    return (entry.reference, format_bytes(entry.size) if entry.size else "-",
+            entry.engine or "?", entry.kind or "?", entry.format or "?", fits,
+            ", ".join(stored) or "-", ",".join(entry.quantizations) or "-")
