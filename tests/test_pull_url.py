@@ -3,6 +3,7 @@ and a real HTTP server on loopback (tests/fileserver.py) that misbehaves on dema
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -32,7 +33,9 @@ def server(smollm2_gguf: Path) -> Iterator[FileServer]:
 
 def blobs(home: Path) -> list[Path]:
     folder = home / "blobs"
-    return sorted(p for p in folder.iterdir() if not p.name.startswith(".")) if folder.exists() else []
+    if not folder.exists():
+        return []
+    return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
 
 
 def test_pull_by_url_verifies_stores_once_and_runs(
@@ -106,10 +109,8 @@ def test_kill_9_half_way_then_the_same_pull_completes(
     while done < size // 2 and time.monotonic() < deadline and process.poll() is None:
         time.sleep(0.05)
         for state in downloads.glob("*.json") if downloads.exists() else []:
-            try:
+            with contextlib.suppress(ValueError, KeyError, FileNotFoundError):
                 done = sum(p["done"] for p in json.loads(state.read_text())["parts"])
-            except (ValueError, KeyError, FileNotFoundError):
-                pass
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     assert size // 2 <= done < size, "the pull was not stopped half way"

@@ -25,6 +25,9 @@ def ls(
     fits: Annotated[bool, typer.Option(
         "--fits", help="With --available: only models that fit this machine's memory "
                        "(LLMCTL_MEMORY_LIMIT overrides it).")] = False,
+    partial: Annotated[bool, typer.Option(
+        "--partial", help="List interrupted downloads instead (continued by the same "
+                          "pull; deleted by llmctl rm --partial).")] = False,
 ) -> None:
     """List stored models.
 
@@ -39,6 +42,7 @@ def ls(
         llmctl ls --json | jq '.[].name'
         llmctl ls --available --fits
         llmctl ls --available --kind text --engine llama --json
+        llmctl ls --partial
     """
     from llmctl.store.layout import StoreLayout
 
@@ -46,6 +50,9 @@ def ls(
     layout = StoreLayout.default()
     if available:
         _available(out, layout, engine, kind, fits)
+        return
+    if partial:
+        _partial(out, layout)
         return
     if fits:
         from llmctl.errors import UsageError
@@ -104,3 +111,26 @@ def _row(model: AvailableModel) -> tuple[str, ...]:
     return (entry.reference, format_bytes(entry.size) if entry.size else "-",
             entry.engine or "?", entry.kind or "?", entry.format or "?", fits,
             ", ".join(stored) or "-", ",".join(entry.quantizations) or "-")
+
+
+def _partial(out: Output, layout: StoreLayout) -> None:
+    from llmctl.store.download import partials
+
+    found = partials(layout)
+    if out.json_mode:
+        out.json([{"id": p.key, "model": p.model, "url": p.url, "done": p.done,
+                   "size": p.size, "updated": p.updated} for p in found])
+        return
+    if out.quiet:
+        for p in found:
+            out.line(p.key)
+        return
+    rows = []
+    for p in found:
+        share = f"{100 * p.done / p.size:.0f}%" if p.size else "?"
+        of = f"{format_bytes(p.done)}/{format_bytes(p.size) if p.size else '?'}"
+        rows.append((p.key[:12], p.model or "-", f"{share} {of}", format_age(p.updated),
+                     p.url))
+    out.table(("ID", "MODEL", "PROGRESS", "UPDATED", "URL"), rows)
+    out.info(f"{len(found)} interrupted download{'s' if len(found) != 1 else ''}; the same "
+             "pull continues one, llmctl rm --partial deletes them")

@@ -6,15 +6,20 @@ from typing import Annotated
 
 import typer
 
-from llmctl.cli.common import StoredModelsArg
+from llmctl.cli.common import complete_stored_model
 from llmctl.cli.output import Output, format_bytes, is_terminal
 
 
 def rm(
-    models: StoredModelsArg,
+    models: Annotated[list[str] | None, typer.Argument(
+        metavar="MODEL", help="Stored models: NAME[:TAG] or an ID prefix (with --partial: "
+        "IDs of interrupted downloads; none means all).",
+        autocompletion=complete_stored_model, show_default=False)] = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would go; delete nothing."
                                           )] = False,
+    partial: Annotated[bool, typer.Option(
+        "--partial", help="Delete interrupted downloads (see: llmctl ls --partial).")] = False,
 ) -> None:
     """Remove models from the store.
 
@@ -26,14 +31,19 @@ def rm(
     \b
         llmctl rm smollm2 --dry-run
         llmctl rm -y smollm2:135m gemma3:270m
+        llmctl rm --partial -y
     """
-    import sys
 
     from llmctl.cli.common import open_store
-    from llmctl.cli.errors import USAGE
-    from llmctl.store.models import plan_removal, remove
 
     out = Output()
+    if partial:
+        _rm_partial(out, models or [], yes=yes, dry_run=dry_run)
+        return
+    if not models:
+        raise typer.BadParameter("name at least one MODEL", param_hint="MODEL")
+    from llmctl.store.models import plan_removal, remove
+
     layout, catalog = open_store()
     plan = plan_removal(layout, catalog, models)
     names = ", ".join(m.reference for m in plan.models)
@@ -43,17 +53,57 @@ def rm(
         out.info(f"would delete {names} and {len(plan.blobs)} file(s), "
                  f"freeing {format_bytes(plan.reclaimable)}")
         return
-    if not yes:
-        if not is_terminal(sys.stdin):
-            out.error("refusing to delete without confirmation; pass -y to delete "
-                      "from a script")
-            raise typer.Exit(USAGE)
-        if not out.confirm(f"Delete {names} ({format_bytes(plan.reclaimable)})?"):
-            out.info("nothing deleted")
-            return
+    if not yes and not _confirmed(out, f"Delete {names} ({format_bytes(plan.reclaimable)})?"):
+        return
     done = remove(layout, plan)
     for manifest in done.models:
         out.line(manifest.reference)
     kept = f"; {done.linked} linked file(s) kept at their source" if done.linked else ""
     out.info(f"deleted {len(done.models)} model(s), freed {format_bytes(done.reclaimable)}"
              f"{kept}")
+
+
+def _confirmed(out: Output, question: str) -> bool:
+    """Ask on a terminal; refuse (exit 2) in a script, where nobody can answer."""
+    import sys
+
+    from llmctl.cli.errors import USAGE
+
+    if not is_terminal(sys.stdin):
+        out.error("refusing to delete without confirmation; pass -y to delete from a script")
+        raise typer.Exit(USAGE)
+    if out.confirm(question):
+        return True
+    out.info("nothing deleted")
+    return False
+
+
+def _rm_partial(out: Output, keys: list[str], *, yes: bool, dry_run: bool) -> None:
+
+    from llmctl.cli.errors import USAGE
+    from llmctl.store import download
+    from llmctl.store.layout import StoreLayout
+
+    layout = StoreLayout.default()
+    found = download.partials(layout)
+    chosen = [p for p in found if not keys or any(p.key.startswith(k) for k in keys)]
+    if keys and (missing := [k for k in keys if not any(p.key.startswith(k) for p in found)]):
+        out.error(f"no interrupted download {', '.join(missing)}; see: llmctl ls --partial")
+        raise typer.Exit(USAGE)
+    size = sum(p.path.stat().st_size for p in chosen if p.path.exists())
+    if dry_run or not chosen:
+        for p in chosen:
+            out.line(p.key)
+        out.info(f"would delete {len(chosen)} download(s), {format_bytes(size)}")
+        return
+    question = f"Delete {len(chosen)} interrupted download(s) ({format_bytes(size)})?"
+    if not yes and not _confirmed(out, question):
+        return
+    deleted = 0
+    for p in chosen:
+        if download.remove_partial(layout, p.key):
+            out.line(p.key)
+            deleted += 1
+        else:
+            out.warn(f"{p.key} ({p.model or p.url}) is being downloaded right now; kept")
+    out.info(f"deleted {deleted} download(s)")

@@ -223,7 +223,7 @@ def _load_state(path: Path) -> DownloadState | None:
 
 def _save_state(path: Path, state: DownloadState) -> None:
     state.updated = time.time()
-    write_atomically(path, json.dumps(asdict(state)).encode())
+    write_atomically(path, json.dumps(asdict(state)).encode(), sync=False)
 
 
 def forget(layout: StoreLayout, key: str) -> None:
@@ -231,6 +231,17 @@ def forget(layout: StoreLayout, key: str) -> None:
     for path in _paths(layout, key):
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
+
+
+def remove_partial(layout: StoreLayout, key: str) -> bool:
+    """Delete an interrupted download; False (and nothing deleted) while a pull is still
+    working on it."""
+    try:
+        with layout.work_lock(f"download-{key}", blocking=False):
+            forget(layout, key)
+            return True
+    except BlockingIOError:
+        return False
 
 
 def partials(layout: StoreLayout) -> list[Partial]:

@@ -76,18 +76,20 @@ class StoreLayout:
     def downloads(self) -> Path:
         return self.tmp / "downloads"
 
-    def work_lock(self, key: str, on_wait: Callable[[], None] | None = None
-                  ) -> contextlib.AbstractContextManager[None]:
+    def work_lock(self, key: str, on_wait: Callable[[], None] | None = None,
+                  blocking: bool = True) -> contextlib.AbstractContextManager[None]:
         """Held while one process pulls one thing (a model, a file): a second `llmctl
         pull` of the same thing waits for the first, then finds it done."""
-        return named_lock(self.tmp / "locks" / f"{key}.lock", on_wait)
+        return named_lock(self.tmp / "locks" / f"{key}.lock", on_wait, blocking)
 
 
 @contextlib.contextmanager
-def named_lock(path: Path, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+def named_lock(path: Path, on_wait: Callable[[], None] | None = None,
+               blocking: bool = True) -> Iterator[None]:
     """An exclusive lock between processes on `path`, released when the holder exits or
     is killed (the kernel drops flock locks with the process). `on_wait` is called once
-    if another process holds it, before waiting for it."""
+    if another process holds it, before waiting for it; with `blocking=False`,
+    BlockingIOError is raised instead of waiting."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+b") as handle:
         try:
@@ -98,6 +100,8 @@ def named_lock(path: Path, on_wait: Callable[[], None] | None = None) -> Iterato
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            if not blocking:
+                raise
             if on_wait:
                 on_wait()
             fcntl.flock(handle, fcntl.LOCK_EX)
@@ -107,8 +111,10 @@ def named_lock(path: Path, on_wait: Callable[[], None] | None = None) -> Iterato
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def write_atomically(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that readers see the old file or the new one, never half."""
+def write_atomically(path: Path, data: bytes, sync: bool = True) -> None:
+    """Write `data` to `path` so that readers see the old file or the new one, never half.
+    `sync=False` skips the fsync, for files rewritten many times a second whose loss in a
+    power cut costs nothing (a download's progress)."""
     import tempfile
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -117,7 +123,8 @@ def write_atomically(path: Path, data: bytes) -> None:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
-            os.fsync(handle.fileno())
+            if sync:
+                os.fsync(handle.fileno())
         os.replace(tmp_name, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

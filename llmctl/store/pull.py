@@ -218,7 +218,9 @@ def _from_catalog(layout: StoreLayout, match: CatalogMatch, on_event: OnEvent,
         files = replace(files, origin=origin)
         return register(layout, files, name=entry.name, tag=match.tag,
                          expected_sha256=expected, on_event=on_event,
-                         model_format=ModelFormat(entry.kind, entry.engine, entry.format))
+                         # An entry may leave the format to the files (an archive).
+                         model_format=ModelFormat(entry.kind, entry.engine, entry.format)
+                         if entry.format else None)
     raise SourceUnavailable(match.reference, reasons)
 
 
