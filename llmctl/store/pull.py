@@ -197,7 +197,8 @@ def _from_catalog(layout: StoreLayout, match: CatalogMatch, on_event: OnEvent,
             if source.type == "package":
                 files = bundled.locate(source.options)
             elif source.type == "hf":
-                if match.quantization and source.file(match.quantization) is None:
+                if match.quantization and source.files and (
+                        source.file(match.quantization) is None):
                     continue  # this repository does not publish that quantization
                 from llmctl.store.sources import hf
 

@@ -59,7 +59,9 @@ def detect_format(names: list[str]) -> ModelFormat | None:
     """What a set of files is, from their names: None when llmctl cannot tell."""
     paths = [PurePosixPath(n) for n in names]
     top = {p.parts[0] for p in paths}
-    suffixes = {s.lower() for p in paths for s in p.suffixes}
+    # Every folder level counts: a Core ML model is a folder ("Unet.mlmodelc/model.mil").
+    suffixes = {s.lower() for p in paths for part in p.parts
+                for s in PurePosixPath(part).suffixes}
     if len(paths) == 1 and paths[0].suffix.lower() == ".gguf":
         return GGUF
     if "model_index.json" in top:
