@@ -1,14 +1,45 @@
-"""llmctl run: answer one prompt, streaming the reply to stdout."""
+"""llmctl run: answer one prompt, streaming the reply to stdout.
+
+Also home to what `run` and `chat` share: the generation options and opening a model
+(pull if needed, check memory, load).
+"""
 
 from __future__ import annotations
 
 import sys
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from llmctl.cli.common import JsonOpt, ModelArg
 from llmctl.cli.output import Output, format_bytes
+
+if TYPE_CHECKING:
+    from llmctl.engines.base import Stats, TextEngine
+    from llmctl.engines.registry import EngineSpec
+    from llmctl.store.pull import Runnable
+
+SystemOpt = Annotated[str | None, typer.Option(help="A system prompt.")]
+TemperatureOpt = Annotated[float, typer.Option(
+    min=0.0, help="0 picks the likeliest token every time.")]
+TopPOpt = Annotated[float, typer.Option(min=0.0, max=1.0)]
+TopKOpt = Annotated[int, typer.Option(min=0, help="0 turns it off.")]
+SeedOpt = Annotated[int | None, typer.Option(
+    min=0, help="Same seed and options, same output. [default: random]", show_default=False)]
+MaxTokensOpt = Annotated[int | None, typer.Option(
+    min=1, help="Stop after this many tokens. [default: until the model stops]",
+    show_default=False)]
+CtxOpt = Annotated[int | None, typer.Option(
+    min=16, help="Context length in tokens. [default: the model's, at most 4096]",
+    show_default=False)]
+ThreadsOpt = Annotated[int | None, typer.Option(
+    min=1, help="CPU threads. [default: physical cores]", show_default=False)]
+EngineOpt = Annotated[str | None, typer.Option(
+    help="Engine to use. [default: chosen by the model's format]", show_default=False)]
+VerboseOpt = Annotated[bool, typer.Option(
+    "--verbose", "-v", help="Load time, tokens/s and peak memory on stderr.")]
+ForceOpt = Annotated[bool, typer.Option(
+    "--force", help="Load the model even when it looks too big for this machine's memory.")]
 
 
 def run(
@@ -16,35 +47,26 @@ def run(
     prompt: Annotated[list[str] | None, typer.Argument(
         metavar="PROMPT", help="The prompt; piped stdin comes first, then this.",
         show_default=False)] = None,
-    system: Annotated[str | None, typer.Option(help="A system prompt.")] = None,
-    temperature: Annotated[float, typer.Option(
-        min=0.0, help="0 picks the likeliest token every time.")] = 0.8,
-    top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.95,
-    top_k: Annotated[int, typer.Option(min=0, help="0 turns it off.")] = 40,
-    seed: Annotated[int | None, typer.Option(
-        min=0, help="Same seed and options, same output. [default: random]",
-        show_default=False)] = None,
-    max_tokens: Annotated[int | None, typer.Option(
-        min=1, help="Stop after this many tokens. [default: until the model stops]",
-        show_default=False)] = None,
-    ctx: Annotated[int | None, typer.Option(
-        min=16, help="Context length in tokens. [default: the model's, at most 4096]",
-        show_default=False)] = None,
-    threads: Annotated[int | None, typer.Option(
-        min=1, help="CPU threads. [default: physical cores]",
-        show_default=False)] = None,
-    engine: Annotated[str | None, typer.Option(
-        help="Engine to use. [default: chosen by the model's format]",
-        show_default=False)] = None,
+    system: SystemOpt = None,
+    temperature: TemperatureOpt = 0.8,
+    top_p: TopPOpt = 0.95,
+    top_k: TopKOpt = 40,
+    seed: SeedOpt = None,
+    max_tokens: MaxTokensOpt = None,
+    ctx: CtxOpt = None,
+    threads: ThreadsOpt = None,
+    engine: EngineOpt = None,
     json: JsonOpt = False,
-    verbose: Annotated[bool, typer.Option(
-        "--verbose", "-v", help="Load time, tokens/s and peak memory on stderr.")] = False,
+    verbose: VerboseOpt = False,
+    force: ForceOpt = False,
 ) -> None:
     """Run a model on one prompt and stream the reply to stdout.
 
-    A catalog model that is not stored yet is pulled first. With --json, stdout gets JSON
-    Lines: {"type": "token", "text": ...} per piece of text, then {"type": "done", ...}
-    with token counts, timings and tokens/s.
+    A catalog model that is not stored yet is pulled first. A model whose estimated memory
+    (weights plus the cache for --ctx) is above 90% of what this machine lets llmctl use is
+    refused (exit 5) unless --force. With --json, stdout gets JSON Lines:
+    {"type": "token", "text": ...} per piece of text, then {"type": "done", ...} with token
+    counts, timings and tokens/s.
 
     Examples:
 
@@ -53,24 +75,15 @@ def run(
         cat notes.txt | llmctl run smollm2 "Summarise this in three bullet points."
         llmctl run smollm2 --temperature 0 --json "Hi" | jq -r 'select(.type=="token").text'
     """
-    from llmctl.cli.common import open_store
-    from llmctl.engines import registry
-    from llmctl.engines.base import Done, GenerationOptions, LoadOptions, Message
+    from llmctl.engines.base import Done, GenerationOptions, Message
     from llmctl.errors import UsageError
-    from llmctl.store.pull import runnable
 
     out = Output(json_mode=json)
     text = _read_prompt(prompt)
     if not text:
         raise UsageError("no prompt given", hint="pass PROMPT or pipe text on stdin")
-    layout, catalog = open_store()
-    with out.progress() as report:
-        target = runnable(model, layout, catalog,
-                          on_event=lambda e: report(e.model, e.status, e.completed, e.total))
-    if target.kind != "text":
-        raise UsageError(f"{target.name} is an image model", hint="use llmctl imagine")
-    spec = registry.choose(target.format, target.kind, engine)
-    llm = registry.load_text_engine(spec, target.path, LoadOptions(ctx, threads))
+    target, spec, llm = open_text_model(out, model, engine=engine, ctx=ctx, threads=threads,
+                                        force=force)
     messages = ([Message("system", system)] if system else []) + [Message("user", text)]
     options = GenerationOptions(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                                 max_tokens=max_tokens)
@@ -96,15 +109,47 @@ def run(
     else:
         out.text("\n")
     if verbose:
-        out.info(
-            f"load duration:     {stats.load_seconds:.2f}s\n"
-            f"prompt eval count: {stats.prompt_tokens} token(s)\n"
-            f"prompt eval rate:  {stats.prompt_tokens_per_second:.2f} tokens/s\n"
-            f"eval count:        {stats.generated_tokens} token(s)\n"
-            f"eval rate:         {stats.generate_tokens_per_second:.2f} tokens/s\n"
-            f"stop reason:       {stats.stop_reason}\n"
-            f"peak memory:       {format_bytes(stats.peak_memory_bytes)}"
-        )
+        report_stats(out, stats)
+
+
+def open_text_model(out: Output, model: str, *, engine: str | None, ctx: int | None,
+                    threads: int | None, force: bool
+                    ) -> tuple[Runnable, EngineSpec, TextEngine]:
+    """Find the model (pulling a catalog model first), check that it fits in memory, and
+    load it: what `run` and `chat` do before their first token."""
+    from llmctl.cli.common import open_store
+    from llmctl.engines import registry
+    from llmctl.engines.base import LoadOptions
+    from llmctl.errors import UsageError
+    from llmctl.memory import check_fits
+    from llmctl.store.pull import runnable
+
+    layout, catalog = open_store()
+    with out.progress() as report:
+        target = runnable(model, layout, catalog,
+                          on_event=lambda e: report(e.model, e.status, e.completed, e.total))
+    if target.kind != "text":
+        raise UsageError(f"{target.name} is an image model", hint="use llmctl imagine")
+    spec = registry.choose(target.format, target.kind, engine)
+    check = check_fits(target, ctx, force)
+    if not check.fits:
+        out.warn(f"{target.name} may not fit in memory (need about "
+                 f"{format_bytes(check.estimate.total)}, have {format_bytes(check.allowed)}); "
+                 "loading anyway (--force)")
+    return target, spec, registry.load_text_engine(spec, target.path, LoadOptions(ctx, threads))
+
+
+def report_stats(out: Output, stats: Stats) -> None:
+    """--verbose: Ollama's statistics block, on stderr."""
+    out.info(
+        f"load duration:     {stats.load_seconds:.2f}s\n"
+        f"prompt eval count: {stats.prompt_tokens} token(s)\n"
+        f"prompt eval rate:  {stats.prompt_tokens_per_second:.2f} tokens/s\n"
+        f"eval count:        {stats.generated_tokens} token(s)\n"
+        f"eval rate:         {stats.generate_tokens_per_second:.2f} tokens/s\n"
+        f"stop reason:       {stats.stop_reason}\n"
+        f"peak memory:       {format_bytes(stats.peak_memory_bytes)}"
+    )
 
 
 def _read_prompt(words: list[str] | None) -> str:

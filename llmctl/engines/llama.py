@@ -184,6 +184,14 @@ class LlamaEngine:
     def prompt_tokens(self, messages: list[Message]) -> list[int]:
         return self.tokenize(self.format(messages))
 
+    @property
+    def context_length(self) -> int:
+        return self.n_ctx
+
+    def count_tokens(self, messages: list[Message]) -> int:
+        """The prompt's length once formatted: what `chat` trims its history by."""
+        return len(self.prompt_tokens(messages))
+
     def generate(self, messages: list[Message], options: GenerationOptions) -> Iterator[Event]:
         tokens = self.prompt_tokens(messages)
         yield from self.generate_from_tokens(tokens, options)

@@ -1,0 +1,139 @@
+"""The memory guard: the estimate's formula on real headers, and run/chat refusing a model
+that does not fit unless --force."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from conftest import PARIS, Runner, error_line
+
+from llmctl import memory
+from llmctl.engines import llama
+from llmctl.errors import InsufficientResources
+from llmctl.store.gguf_header import read_header
+
+MIB = 1024**2
+
+
+def smollm2(path: Path) -> SimpleNamespace:
+    """What `runnable()` gives for the real SmolLM2 file."""
+    return SimpleNamespace(path=path, format="gguf", header=read_header(path))
+
+
+def test_estimate_of_smollm2_from_its_gguf_header(smollm2_gguf: Path) -> None:
+    target = smollm2(smollm2_gguf)
+    metadata = target.header.metadata
+    # The figures the formula uses, as the header gives them.
+    assert (metadata["llama.block_count"], metadata["llama.attention.head_count"],
+            metadata["llama.attention.head_count_kv"], metadata["llama.embedding_length"],
+            metadata["llama.context_length"]) == (30, 9, 3, 576, 8192)
+    estimate = memory.estimate_memory(target, None)
+    assert estimate.context_length == 4096  # the model's 8192, capped like the engine:
+    assert memory.DEFAULT_CONTEXT == llama.DEFAULT_CONTEXT
+    # 30 layers × 4096 tokens × 3 KV heads × (64 + 64) head dims × 2 bytes: llama.cpp
+    # reports exactly this ("KV buffer size = 90.00 MiB").
+    assert estimate.kv_cache == 30 * 4096 * 3 * (64 + 64) * 2 == 90 * MIB
+    assert estimate.weights == smollm2_gguf.stat().st_size == 98_362_432
+    assert estimate.logits == 512 * 49152 * 4  # llama.cpp: "compute buffer = 98.25 MiB"
+    assert estimate.overhead == 64 * MIB
+    assert estimate.total == 98_362_432 + 90 * MIB + 96 * MIB + 64 * MIB
+
+
+def test_a_small_context_shrinks_the_estimate(smollm2_gguf: Path) -> None:
+    target = smollm2(smollm2_gguf)
+    small = memory.estimate_memory(target, 300)
+    assert small.context_length == 512  # llama.cpp allocates multiples of 256 cells
+    assert small.kv_cache == 30 * 512 * 3 * 128 * 2
+    assert small.logits == 512 * 49152 * 4
+    tiny = memory.estimate_memory(target, 100)
+    assert tiny.context_length == 256 and tiny.logits == 256 * 49152 * 4
+
+
+def test_key_and_value_lengths_and_per_layer_head_counts() -> None:
+    metadata = {"general.architecture": "x", "x.block_count": 2,
+                "x.attention.head_count": [8, 8], "x.attention.head_count_kv": [2, 0],
+                "x.embedding_length": 512, "x.attention.key_length": 128,
+                "x.attention.value_length": 96, "x.vocab_size": 1000,
+                "x.context_length": 2048}
+    shape = memory.gguf_shape(metadata)
+    assert shape.kv_per_token == 2 * (128 + 96)  # the second layer caches nothing
+    assert (shape.vocabulary, shape.trained_context) == (1000, 2048)
+    assert memory.gguf_shape({}).kv_per_token == 0  # nothing known: weights only
+
+
+def make_folder_model(folder: Path, config: dict, weights: int) -> SimpleNamespace:
+    """An MLX / safetensors folder as the store presents it: config.json and weights."""
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    with open(folder / "model.safetensors", "wb") as handle:
+        handle.truncate(weights)  # sparse: the size is what counts
+    (folder / "tokenizer.json").write_text("{}")
+    return SimpleNamespace(path=folder, format="mlx", header=None)
+
+
+def test_estimate_of_a_folder_model_from_config_json(tmp_path: Path) -> None:
+    # SmolLM2-135M's config.json, as transformers writes it.
+    config = {"num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
+              "hidden_size": 576, "vocab_size": 49152, "max_position_embeddings": 8192}
+    target = make_folder_model(tmp_path / "m", config, 80_000_000)
+    estimate = memory.estimate_memory(target, None)
+    assert estimate.weights == 80_000_000  # the safetensors only
+    assert estimate.context_length == 4096
+    assert estimate.kv_cache == 30 * 4096 * 3 * 64 * 2 * 2
+    assert estimate.logits == 512 * 49152 * 4
+    # head_dim wins over hidden_size / heads; a nested text_config is read; no KV heads
+    # means one per attention head.
+    nested = {"text_config": {"num_hidden_layers": 2, "num_attention_heads": 4,
+                              "hidden_size": 64, "head_dim": 32}}
+    other = make_folder_model(tmp_path / "n", nested, 1000)
+    assert memory.estimate_memory(other, 100).kv_cache == 2 * 100 * 4 * 32 * 2 * 2
+    broken = make_folder_model(tmp_path / "b", {}, 1000)
+    (broken.path / "config.json").write_text("not json")
+    assert memory.estimate_memory(broken, None).kv_cache == 0
+
+
+def test_check_fits_refuses_above_the_share_unless_forced(
+        smollm2_gguf: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = smollm2(smollm2_gguf)
+    need = memory.estimate_memory(target, None).total
+    monkeypatch.setenv("LLMCTL_MEMORY_LIMIT", str(int(need / memory.SHARE) + 10))
+    assert memory.check_fits(target, None).fits
+    monkeypatch.setenv("LLMCTL_MEMORY_LIMIT", str(need))  # all of it: above 90%
+    with pytest.raises(InsufficientResources) as refused:
+        memory.check_fits(target, None)
+    assert refused.value.need == need and refused.value.have == int(need * memory.SHARE)
+    assert "--force" in refused.value.hint and "LLMCTL_MEMORY_LIMIT" in refused.value.hint
+    forced = memory.check_fits(target, None, force=True)
+    assert not forced.fits and forced.allowed == int(need * memory.SHARE)
+    monkeypatch.setattr(memory, "usable_memory_bytes", lambda: None)
+    assert memory.check_fits(target, None).fits  # nothing known: nothing refused
+
+
+def test_run_refuses_a_model_too_big_with_both_figures(llmctl: Runner) -> None:
+    result = llmctl("run", "smollm2", "--temperature", "0", PARIS,
+                    env={"LLMCTL_MEMORY_LIMIT": "10M"})
+    assert result.returncode == 5
+    line = error_line(result)
+    assert "not enough memory: need 361 MB, have 9.0 MB" in line
+    assert "--force" in line and "--ctx" in line
+    assert result.stdout == ""
+
+
+def test_run_with_force_loads_anyway_and_answers(llmctl: Runner) -> None:
+    result = llmctl("run", "smollm2", "--temperature", "0", "--force", PARIS,
+                    env={"LLMCTL_MEMORY_LIMIT": "10M"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "The capital of France is Paris.\n"
+    assert "warning: smollm2:135m may not fit in memory" in result.stderr
+
+
+def test_a_smaller_context_fits_where_the_default_does_not(llmctl: Runner) -> None:
+    # 300 MB allows 270 MB: the 4096-token default needs 361 MB, 256 tokens need 222 MB.
+    env = {"LLMCTL_MEMORY_LIMIT": "300M"}
+    assert llmctl("run", "smollm2", "Hi", env=env).returncode == 5
+    small = llmctl("run", "smollm2", "--ctx", "256", "--temperature", "0", PARIS, env=env)
+    assert small.returncode == 0, small.stderr
+    assert "Paris" in small.stdout and "warning" not in small.stderr
