@@ -79,24 +79,32 @@ def versus_curl(work: Path, size: int, reps: int) -> None:
     server, port = serve([payload])
     url = f"http://127.0.0.1:{port}/payload.gguf"
     try:
-        curl, ours, ours1 = [], [], []
+        curl, verified, ours, ours1 = [], [], [], []
+        out = str(work / "curl.out")
         for _ in range(reps):
-            curl.append(timed(["curl", "-s", "-o", str(work / "curl.out"), url]))
-            os.unlink(work / "curl.out")
+            curl.append(timed(["curl", "-s", "-o", out, url]))
+            os.unlink(out)
+            # What a careful user runs: download, then check the published sha256
+            # (OpenSSL's hash, the same code Python's hashlib uses).
+            verified.append(timed(["sh", "-c", f"curl -s -o {out} {url} && "
+                                               f"openssl dgst -sha256 {out}"]))
+            os.unlink(out)
             ours.append(pull_time(f"{url}#sha256={sha}", work))
             ours1.append(pull_time(f"{url}#sha256={sha}", work, "--parts", "1"))
     finally:
         server.kill()
     mib = size / 2**20
     print(f"{mib:.0f} MiB from loopback, {reps} runs each (seconds: median, best)")
-    for label, times in (("curl -o", curl), ("llmctl pull (4 parts)", ours),
+    for label, times in (("curl -o", curl), ("curl -o && openssl dgst", verified),
+                         ("llmctl pull (4 parts)", ours),
                          ("llmctl pull --parts 1", ours1)):
-        print(f"  {label:24} {statistics.median(times):6.2f} {min(times):6.2f}"
+        print(f"  {label:26} {statistics.median(times):6.2f} {min(times):6.2f}"
               f"   {mib / statistics.median(times):7.0f} MiB/s")
-    for label, times in (("4 parts", ours), ("--parts 1", ours1)):
-        print(f"  speed ratio llmctl {label} / curl: median "
-              f"{statistics.median(curl) / statistics.median(times):.2f}, "
-              f"best {min(curl) / min(times):.2f}")
+    for base_label, base in (("curl", curl), ("curl + sha256", verified)):
+        for label, times in (("4 parts", ours), ("--parts 1", ours1)):
+            print(f"  speed ratio llmctl {label} / {base_label}: median "
+                  f"{statistics.median(base) / statistics.median(times):.2f}, "
+                  f"best {min(base) / min(times):.2f}")
 
 
 def versus_one_stream(work: Path, size: int, rate: int, reps: int) -> None:
