@@ -60,11 +60,17 @@ def test_shipped_catalog_entries_are_complete(catalog: Catalog) -> None:
         assert entry.license and entry.homepage.startswith("https://"), entry.reference
         assert parse_reference(entry.reference) == NameRef(entry.name, entry.tag)
         for source in entry.sources:
-            assert source.type in ("package", "hf"), entry.reference
+            assert source.type in ("package", "hf", "url"), entry.reference
             if source.type == "hf":
                 assert re.fullmatch(r"[\w.-]+/[\w.-]+", source.options["repo"])
+            if source.type == "hf" and entry.kind == "text":
                 assert entry.quantization in source.files, (entry.reference, source.files)
                 assert all(f.endswith(".gguf") for f in source.files.values())
+            if source.type == "hf" and entry.kind == "image":  # a folder: patterns
+                assert source.options["allow_patterns"], entry.reference
+                assert entry.parameters.get("steps"), entry.reference
+            if source.type == "url":
+                assert source.options["url"].startswith("https://"), entry.reference
             for digest in source.options.get("sha256", {}).values():
                 assert re.fullmatch(r"[0-9a-f]{64}", digest)
 

@@ -93,16 +93,22 @@ def build_components(unet_channels: tuple[int, ...] = (4, 8), seed: int = 0) -> 
 
 
 def build_tiny_sd(path: Path, unet_channels: tuple[int, ...] = (4, 8), seed: int = 0,
-                  safe_serialization: bool = True) -> Path:
+                  safe_serialization: bool = True, variant: str | None = None) -> Path:
     """Save a StableDiffusionPipeline with random weights to `path` (save_pretrained's
     layout: model_index.json, unet/, vae/, text_encoder/, tokenizer/ with vocab.json and
     merges.txt, scheduler/).
-    `safe_serialization=False` writes pickle weights (.bin) instead of .safetensors."""
+    `safe_serialization=False` writes pickle weights (.bin) instead of .safetensors;
+    `variant="fp16"` writes float16 weights named as the Hub's fp16 variants
+    (diffusion_pytorch_model.fp16.safetensors, model.fp16.safetensors)."""
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline(**build_components(unet_channels, seed),
                                    requires_safety_checker=False)
-    pipe.save_pretrained(path, safe_serialization=safe_serialization)
+    if variant == "fp16":
+        import torch
+
+        pipe.to(torch.float16)
+    pipe.save_pretrained(path, safe_serialization=safe_serialization, variant=variant)
     # The published Stable Diffusion repositories ship the tokenizer as vocab.json and
     # merges.txt (which Core ML conversions copy), not as tokenizer.json.
     tokenizer = Path(path) / "tokenizer"

@@ -28,6 +28,9 @@ def ls(
     partial: Annotated[bool, typer.Option(
         "--partial", help="List interrupted downloads instead (continued by the same "
                           "pull; deleted by llmctl rm --partial).")] = False,
+    images: Annotated[bool, typer.Option(
+        "--images", help="List the images llmctl imagine wrote to the gallery instead "
+                         "(deleted by llmctl rm --image ID).")] = False,
 ) -> None:
     """List stored models.
 
@@ -43,6 +46,7 @@ def ls(
         llmctl ls --available --fits
         llmctl ls --available --kind text --engine llama --json
         llmctl ls --partial
+        llmctl ls --images
     """
     from llmctl.store.layout import StoreLayout
 
@@ -53,6 +57,9 @@ def ls(
         return
     if partial:
         _partial(out, layout)
+        return
+    if images:
+        _images(out, layout)
         return
     if fits:
         from llmctl.errors import UsageError
@@ -134,3 +141,31 @@ def _partial(out: Output, layout: StoreLayout) -> None:
     out.table(("ID", "MODEL", "PROGRESS", "UPDATED", "URL"), rows)
     out.info(f"{len(found)} interrupted download{'s' if len(found) != 1 else ''}; the same "
              "pull continues one, llmctl rm --partial deletes them")
+
+
+def _images(out: Output, layout: StoreLayout) -> None:
+    from datetime import datetime
+
+    from llmctl.gallery import gallery_folder, list_images
+
+    found = list_images(layout)
+    if out.json_mode:
+        out.json([{**image.meta, "id": image.id, "path": str(image.path)} for image in found])
+        return
+    if out.quiet:
+        for image in found:
+            out.line(image.id)
+        return
+    rows = []
+    for image in found:
+        meta = image.meta
+        prompt = " ".join(str(meta.get("prompt", "")).split())
+        try:
+            created = format_age(datetime.fromisoformat(meta["created"]).timestamp())
+        except (KeyError, TypeError, ValueError):
+            created = "?"
+        rows.append((image.id, f"{meta.get('width', '?')}x{meta.get('height', '?')}",
+                     str(meta.get("seed", "?")), created,
+                     prompt[:60] + ("..." if len(prompt) > 60 else "")))
+    out.table(("ID", "SIZE", "SEED", "CREATED", "PROMPT"), rows)
+    out.info(f"{len(found)} image{'s' if len(found) != 1 else ''} in {gallery_folder(layout)}")

@@ -172,3 +172,43 @@ def _rich_progress(stream: TextIO) -> Iterator[Callable[[str, str, int, int], No
 
     with bars:
         yield report
+
+
+def format_seconds(seconds: float) -> str:
+    """2.4s, 1m05s, 1h02m."""
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    return f"{minutes // 60}h{minutes % 60:02d}m"
+
+
+@contextmanager
+def step_progress(out: Output) -> Iterator[Callable[[str, int, int, float, float], None]]:
+    """A function to report (label, step, steps, elapsed, seconds left) of a computation in
+    steps (image generation): one line rewritten in place on a terminal, one line per
+    step otherwise, nothing when quiet or writing JSON."""
+    if out.quiet or out.json_mode:
+        yield lambda label, step, total, elapsed, left: None
+        return
+    fancy = out.fancy_stderr
+    shown = False
+
+    def report(label: str, step: int, total: int, elapsed: float, left: float) -> None:
+        nonlocal shown
+        text = (f"{label}step {step}/{total}, {format_seconds(elapsed)} elapsed, "
+                f"{format_seconds(left)} left")
+        if fancy:
+            out.stderr.write("\r\x1b[2K" + text)
+            out.stderr.flush()
+            shown = True
+        else:
+            out.info(text)
+
+    try:
+        yield report
+    finally:
+        if shown:
+            out.stderr.write("\n")
+            out.stderr.flush()

@@ -20,6 +20,9 @@ def rm(
                                           )] = False,
     partial: Annotated[bool, typer.Option(
         "--partial", help="Delete interrupted downloads (see: llmctl ls --partial).")] = False,
+    image: Annotated[bool, typer.Option(
+        "--image", help="Delete gallery images by ID, with their sidecars and previews "
+                        "(see: llmctl ls --images).")] = False,
 ) -> None:
     """Remove models from the store.
 
@@ -32,6 +35,7 @@ def rm(
         llmctl rm smollm2 --dry-run
         llmctl rm -y smollm2:135m gemma3:270m
         llmctl rm --partial -y
+        llmctl rm --image -y 3f2a9c1e
     """
 
     from llmctl.cli.common import open_store
@@ -39,6 +43,9 @@ def rm(
     out = Output()
     if partial:
         _rm_partial(out, models or [], yes=yes, dry_run=dry_run)
+        return
+    if image:
+        _rm_images(out, models or [], yes=yes, dry_run=dry_run)
         return
     if not models:
         raise typer.BadParameter("name at least one MODEL", param_hint="MODEL")
@@ -107,3 +114,23 @@ def _rm_partial(out: Output, keys: list[str], *, yes: bool, dry_run: bool) -> No
         else:
             out.warn(f"{p.key} ({p.model or p.url}) is being downloaded right now; kept")
     out.info(f"deleted {deleted} download(s)")
+
+
+def _rm_images(out: Output, ids: list[str], *, yes: bool, dry_run: bool) -> None:
+    from llmctl.gallery import delete_images, find_images
+    from llmctl.store.layout import StoreLayout
+
+    if not ids:
+        raise typer.BadParameter("name at least one image ID", param_hint="ID")
+    chosen = find_images(StoreLayout.default(), ids)
+    if dry_run:
+        for found in chosen:
+            out.line(found.id)
+        out.info(f"would delete {len(chosen)} image(s)")
+        return
+    if not yes and not _confirmed(out, f"Delete {len(chosen)} image(s)?"):
+        return
+    delete_images(chosen)
+    for found in chosen:
+        out.line(found.id)
+    out.info(f"deleted {len(chosen)} image(s)")
