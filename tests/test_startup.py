@@ -27,7 +27,8 @@ def imported_modules(*args: str, env: dict[str, str] | None = None) -> set[str]:
 @pytest.mark.parametrize("args", [("--help",), ("ls",), ("ls", "--json"), ("run", "--help"),
                                   ("pull", "--help"), ("--version",), ("ls", "--available"),
                                   ("ls", "--available", "--fits", "--json"),
-                                  ("catalog", "ls"), ("import", "--help")])
+                                  ("catalog", "ls"), ("import", "--help"),
+                                  ("convert", "--help")])
 def test_command_imports_nothing_heavy(args: tuple[str, ...]) -> None:
     modules = imported_modules(*args)
     assert "typer" in modules  # the measurement works

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import platform
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +25,11 @@ class EngineSpec:
     formats: tuple[str, ...]
     requires: str  # the import that must succeed
     install: str  # what to run when it does not
+    # Where the engine's library exists, as "<sys.platform>-<machine>"; empty: anywhere.
+    platforms: tuple[str, ...] = ()
+    runs_on: str = ""  # the same, said for people
+    # The `llmctl convert --to` target that makes models this engine runs, if any.
+    convert_to: str | None = None
 
 
 ENGINES: dict[str, EngineSpec] = {
@@ -30,6 +37,12 @@ ENGINES: dict[str, EngineSpec] = {
     for spec in (
         EngineSpec("llama", "llmctl.engines.llama", "text", ("gguf",), "llama_cpp",
                    "pip install 'llmctl[llama]'"),
+        # mlx-lm reads MLX conversions and Hugging Face safetensors checkpoints alike.
+        # MLX ships wheels for Apple Silicon macOS and (CPU only, "mlx[cpu]") Linux.
+        EngineSpec("mlx", "llmctl.engines.mlx", "text", ("mlx", "safetensors"), "mlx_lm",
+                   "pip install 'llmctl[mlx]'",
+                   platforms=("darwin-arm64", "linux-x86_64", "linux-aarch64"),
+                   runs_on="Apple Silicon Macs and, on the CPU, Linux", convert_to="mlx"),
     )
 }
 
@@ -48,8 +61,11 @@ def choose(model_format: str, kind: str, override: str | None = None) -> EngineS
     if override:
         spec = get_spec(override)
         if model_format not in spec.formats:
+            hint = f"it runs: {', '.join(spec.formats)}"
+            if spec.convert_to:
+                hint += f"; make one with: llmctl convert MODEL --to {spec.convert_to}"
             raise UsageError(f"the {spec.name} engine cannot run {model_format} models",
-                             hint=f"it runs: {', '.join(spec.formats)}")
+                             hint=hint)
         return spec
     for spec in ENGINES.values():
         if model_format in spec.formats and spec.kind == kind:
@@ -58,6 +74,9 @@ def choose(model_format: str, kind: str, override: str | None = None) -> EngineS
 
 
 def check_available(spec: EngineSpec) -> None:
+    here = f"{sys.platform}-{platform.machine().lower()}"
+    if spec.platforms and here not in spec.platforms:
+        raise EngineUnavailable(spec.name, f"it runs on {spec.runs_on}, not on {here}")
     if importlib.util.find_spec(spec.requires) is None:
         raise EngineUnavailable(spec.name, f"{spec.requires} is not installed", spec.install)
 

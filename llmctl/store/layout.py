@@ -3,6 +3,8 @@
     $LLMCTL_HOME/
       blobs/sha256-<hex>          every model file, once, named by its content
       manifests/<name>/<tag>.json one per stored model; written last, atomically
+      models/<id>/                a folder model (MLX, diffusers...) as engines open it:
+                                  links to the blobs, named as the manifest names them
       tmp/                        work in progress, same filesystem as blobs (for renames)
         downloads/<key>.part      a download in progress, with <key>.json (its state)
         locks/<key>.lock          held by the llmctl pulling that model or file
@@ -44,6 +46,10 @@ class StoreLayout:
     @property
     def manifests(self) -> Path:
         return self.root / "manifests"
+
+    @property
+    def models(self) -> Path:
+        return self.root / "models"
 
     @property
     def tmp(self) -> Path:

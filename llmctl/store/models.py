@@ -5,15 +5,18 @@ Name resolution and GGUF reading are imported by the functions that use them.
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from llmctl.errors import VerificationFailed
 from llmctl.store import manifest as manifests
 from llmctl.store.blobs import BlobStore, BlobUsage
 from llmctl.store.layout import StoreLayout
-from llmctl.store.manifest import Manifest
+from llmctl.store.manifest import Manifest, ManifestFile
 
 if TYPE_CHECKING:
     from llmctl.store.catalog import Catalog
@@ -68,6 +71,11 @@ def remove(layout: StoreLayout, plan: RemovalPlan) -> RemovalPlan:
             manifests.delete(layout, manifest)
         for usage in plan.blobs:
             blobs.delete(usage.digest)
+        # A folder of links (model_folder) goes with the last model of its content.
+        kept = {m.id for m in manifests.iter_manifests(layout)}
+        for manifest in plan.models:
+            if manifest.id not in kept:
+                shutil.rmtree(layout.models / manifest.id, ignore_errors=True)
     return plan
 
 
@@ -77,21 +85,93 @@ def check_file(layout: StoreLayout, manifest: Manifest) -> tuple[Path, GGUFHeade
     opens it."""
     from llmctl.store.gguf_header import read_header
 
-    entry = manifest.primary
+    path = _checked_blob(layout, manifest, manifest.primary)
+    try:
+        header = read_header(path)
+    except VerificationFailed as exc:
+        raise _damaged(manifest, exc.reason) from None
+    return path, header
+
+
+def _damaged(manifest: Manifest, reason: str) -> VerificationFailed:
+    return VerificationFailed(
+        manifest.reference,
+        f"{reason}; re-pull it: llmctl rm {manifest.reference} && "
+        f"llmctl pull {manifest.reference}",
+    )
+
+
+def _checked_blob(layout: StoreLayout, manifest: Manifest, entry: ManifestFile) -> Path:
+    """The blob of one of the model's files, after checking that it is there and has the
+    size it was verified with (a stat: cheap enough for every run)."""
     path = BlobStore(layout).path(entry.digest)
     try:
         size = path.stat().st_size
-        if size != entry.size:
-            raise VerificationFailed(str(path), f"its file is {size} bytes, expected {entry.size}")
-        header = read_header(path)
-    except (VerificationFailed, FileNotFoundError) as exc:
-        reason = exc.reason if isinstance(exc, VerificationFailed) else "its file is missing"
-        raise VerificationFailed(
-            manifest.reference,
-            f"{reason}; re-pull it: llmctl rm {manifest.reference} && "
-            f"llmctl pull {manifest.reference}",
-        ) from None
-    return path, header
+    except FileNotFoundError:
+        what = "its file" if len(manifest.files) == 1 else f"its file {entry.name}"
+        raise _damaged(manifest, f"{what} is missing") from None
+    if size != entry.size:
+        what = "its file" if len(manifest.files) == 1 else entry.name
+        raise _damaged(manifest, f"{what} is {size} bytes, expected {entry.size}")
+    return path
+
+
+def model_folder(layout: StoreLayout, manifest: Manifest) -> Path:
+    """The stored model as a folder that engines open by path (mlx-lm, diffusers, Core ML):
+    `models/<id>/` with one link per file, named as the manifest names it (`config.json`,
+    `unet/diffusion_pytorch_model.safetensors`), each pointing at its blob.
+
+    The folder is built under tmp/ and renamed into place, so an engine never sees half of
+    it, and reused while every link still reaches its blob. The links are relative symbolic
+    links: a hard link would keep a blob's data alive after `rm` deleted the blob (and make
+    `rm` count the blob as freeing nothing), and relative ones survive moving LLMCTL_HOME.
+    """
+    entries = [(_safe_name(manifest, f.name), _checked_blob(layout, manifest, f))
+               for f in manifest.files]
+    folder = layout.models / manifest.id
+    if _complete(folder, entries):
+        return folder
+    layout.ensure()
+    layout.models.mkdir(exist_ok=True)
+    # tmp/<x>/ and models/<id>/ lie at the same depth below the root, so a link's relative
+    # target is the same in both places.
+    building = Path(tempfile.mkdtemp(dir=layout.tmp, prefix=f"model-{manifest.id}-"))
+    try:
+        building.chmod(0o755)  # mkdtemp's folders are private; the store's are not
+        for name, blob in entries:
+            link = building.joinpath(*name.parts)
+            link.parent.mkdir(parents=True, exist_ok=True)
+            final = folder.joinpath(*name.parts)
+            os.symlink(os.path.relpath(blob, final.parent), link)
+        if folder.exists() or folder.is_symlink():  # stale: a blob was re-stored elsewhere
+            stale = Path(tempfile.mkdtemp(dir=layout.tmp, prefix=f"stale-{manifest.id}-"))
+            os.replace(folder, stale / "old")
+            shutil.rmtree(stale, ignore_errors=True)
+        try:
+            os.rename(building, folder)
+        except OSError:
+            # Another llmctl built the same folder a moment ago: use that one.
+            if not _complete(folder, entries):
+                raise
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
+    return folder
+
+
+def _safe_name(manifest: Manifest, name: str) -> PurePosixPath:
+    path = PurePosixPath(name)
+    if path.is_absolute() or not path.parts or ".." in path.parts:
+        raise VerificationFailed(manifest.reference,
+                                 f"its file name '{name}' points outside the model's folder")
+    return path
+
+
+def _complete(folder: Path, entries: list[tuple[PurePosixPath, Path]]) -> bool:
+    for name, blob in entries:
+        link = folder.joinpath(*name.parts)
+        if not link.is_symlink() or not link.exists() or not link.samefile(blob):
+            return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -108,7 +188,85 @@ def describe(layout: StoreLayout, catalog: Catalog | None, reference: str) -> Mo
     from llmctl.store.names import resolve_stored
 
     manifest = resolve_stored(layout, catalog, reference)
+    if manifest.format != "gguf":
+        folder = model_folder(layout, manifest)
+        return ModelDetails(manifest, folder, *_folder_details(folder))
     path, header = check_file(layout, manifest)
     metadata = {k: (str(v) if isinstance(v, ArraySummary) else v)
                 for k, v in header.metadata.items()}
     return ModelDetails(manifest, path, header.summary(), metadata, header.tensor_types)
+
+
+def _folder_details(folder: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, int]]:
+    """Summary, metadata and tensor types of a folder model, from its config.json and the
+    headers of its .safetensors files (read as JSON: no library, no weights). The chat
+    template is kept under the key GGUF uses for it, so `show --template` finds it."""
+    import json
+
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        config = {}
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+
+    def get(key: str) -> Any:
+        return config.get(key, text.get(key))
+
+    quantization = config.get("quantization") or {}
+    bits = quantization.get("bits") if isinstance(quantization, dict) else None
+    parameters = 0
+    tensor_types: dict[str, int] = {}
+    for path in sorted(folder.rglob("*.safetensors")):
+        for name, (dtype, count) in _safetensors_tensors(path).items():
+            if name.endswith((".scales", ".biases")) and bits:
+                continue  # MLX quantization's per-group scales and offsets, not parameters
+            # MLX packs quantized weights `bits` at a time into uint32 words.
+            parameters += count * 32 // bits if bits and dtype == "U32" else count
+            tensor_types[dtype] = tensor_types.get(dtype, 0) + 1
+    metadata = dict(config)
+    template = _chat_template(folder)
+    if template:
+        metadata["tokenizer.chat_template"] = template
+    summary = {
+        "architecture": get("model_type"),
+        "parameters": parameters,
+        "quantization": f"{bits}-bit, groups of {quantization.get('group_size')}" if bits
+        else get("dtype") or get("torch_dtype"),
+        "context_length": get("max_position_embeddings"),
+        "embedding_length": get("hidden_size"),
+        "block_count": get("num_hidden_layers"),
+        "chat_template": template is not None,
+        "model_name": get("_name_or_path") or get("_model_name_or_path"),
+        "license": None,
+    }
+    return summary, metadata, tensor_types
+
+
+def _chat_template(folder: Path) -> str | None:
+    import json
+
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text()
+    try:
+        template = json.loads((folder / "tokenizer_config.json").read_text()).get(
+            "chat_template")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return template if isinstance(template, str) else None
+
+
+def _safetensors_tensors(path: Path) -> dict[str, tuple[str, int]]:
+    """name -> (dtype, element count) from a .safetensors header: 8 bytes of length, then
+    that much JSON."""
+    import json
+    import struct
+    from math import prod
+
+    try:
+        with open(path, "rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(length))
+    except (OSError, ValueError, struct.error):
+        return {}
+    return {name: (entry["dtype"], prod(entry["shape"])) for name, entry in header.items()
+            if name != "__metadata__" and isinstance(entry, dict)}

@@ -20,7 +20,7 @@ from llmctl.store.catalog import Catalog, CatalogMatch
 from llmctl.store.gguf_header import GGUFHeader, read_header
 from llmctl.store.layout import StoreLayout
 from llmctl.store.manifest import Manifest, ManifestFile
-from llmctl.store.models import check_file
+from llmctl.store.models import check_file, model_folder
 from llmctl.store.names import (
     DEFAULT_TAG,
     HubRef,
@@ -74,15 +74,17 @@ class PullResult:
 
 @dataclass(frozen=True)
 class Runnable:
-    """What an engine needs to open a model: its file and its description."""
+    """What an engine needs to open a model: where it is and what it is. `path` is the
+    file of a GGUF model and a folder for every other format (mlx-lm, diffusers and Core ML
+    open folders)."""
 
     path: Path
     name: str
     kind: str
     format: str
     engine: str
-    header: GGUFHeader
-    manifest: Manifest | None  # None for a file run straight from a path
+    manifest: Manifest | None  # None for a model run straight from a path
+    header: GGUFHeader | None = None  # GGUF models only
 
 
 def _quiet(_event: PullEvent) -> None:
@@ -246,7 +248,7 @@ def pull(
     ref = parse_reference(text)
     if isinstance(ref, PathRef):
         files = local.locate(ref.path)
-        target_name, tag = _split_target(name, sanitize_name(files.paths[0].stem))
+        target_name, tag = _split_target(name, sanitize_name(local.model_name(files)))
         return register(layout, files, name=target_name, tag=tag, expected_sha256=None,
                          on_event=on_event)
     if isinstance(ref, HubRef):
@@ -297,18 +299,21 @@ def runnable(
     on_event: OnEvent = _quiet,
 ) -> Runnable:
     """The model to run for `text`: a stored model, a catalog model (pulled first, as
-    Ollama does), or a file given by path (run in place, not stored)."""
+    Ollama does), or a file or folder given by path (run in place, not stored)."""
     ref = parse_reference(text)
     if isinstance(ref, PathRef):
-        path = local.locate(ref.path).paths[0]
-        header = read_header(path)
-        return Runnable(path, path.stem, "text", "gguf", "llama", header, None)
+        files = local.locate(ref.path)
+        name = local.model_name(files)
+        if files.names is not None:  # a folder model: the engine opens the folder itself
+            found = detect_format(files.names)
+            assert found is not None  # local.locate returns only folders it recognises
+            folder = Path(files.origin["path"])
+            return Runnable(folder, name, found.kind, found.format, found.engine, None)
+        path = files.paths[0]
+        return Runnable(path, name, "text", "gguf", "llama", None, read_header(path))
     if isinstance(ref, HubRef | UrlRef):
         # As Ollama does for hf.co/... names: pull first (nothing if stored), then run.
-        manifest = pull(text, layout, catalog, on_event=on_event).manifest
-        path, header = check_file(layout, manifest)
-        return Runnable(path, manifest.reference, manifest.kind, manifest.format,
-                        manifest.engine, header, manifest)
+        return _stored_runnable(layout, pull(text, layout, catalog, on_event=on_event).manifest)
     manifest = find_stored(layout, catalog, ref)
     if manifest is None and ref.tag is None:
         manifest = find_by_digest(layout, ref.name)
@@ -318,6 +323,13 @@ def runnable(
             raise ModelNotFound(text, suggestions(text, layout, catalog))
         on_event(PullEvent(match.reference, "pulling (not in the store yet)"))
         manifest = pull(str(ref), layout, catalog, on_event=on_event).manifest
-    path, header = check_file(layout, manifest)
+    return _stored_runnable(layout, manifest)
+
+
+def _stored_runnable(layout: StoreLayout, manifest: Manifest) -> Runnable:
+    if manifest.format == "gguf":
+        path, header = check_file(layout, manifest)
+    else:
+        path, header = model_folder(layout, manifest), None
     return Runnable(path, manifest.reference, manifest.kind, manifest.format, manifest.engine,
-                    header, manifest)
+                    manifest, header)

@@ -1,13 +1,16 @@
-"""Models already on this machine: a .gguf file, or a folder holding one."""
+"""Models already on this machine: a .gguf file, a folder holding one, or a folder model
+(config.json with *.safetensors for mlx-lm; a diffusers or Core ML folder)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from llmctl.errors import UsageError
-from llmctl.store.sources import LocalFiles
+from llmctl.store.sources import LocalFiles, detect_format
 
 SUFFIX = ".gguf"
+# Files at the top of a folder that make it a model of several files.
+FOLDER_MARKERS = ("config.json", "model_index.json")
 
 
 def locate(path: Path) -> LocalFiles:
@@ -15,13 +18,43 @@ def locate(path: Path) -> LocalFiles:
     if not path.exists():
         raise UsageError(f"no such file or folder: {path}")
     if path.is_dir():
+        if folder := _folder_model(path):
+            return folder
         found = sorted(p for p in path.iterdir() if p.suffix.lower() == SUFFIX and p.is_file())
         if len(found) != 1:
             what = "no .gguf file" if not found else f"{len(found)} .gguf files"
             raise UsageError(f"folder {path} holds {what}",
-                             hint="name the .gguf file to use" if found else None)
+                             hint="name the .gguf file to use" if found else
+                             "llmctl takes a .gguf file, or a folder with config.json and "
+                             "*.safetensors")
         path = found[0]
     elif path.suffix.lower() != SUFFIX:
         raise UsageError(f"{path} is not a .gguf file",
-                         hint="this version stores and runs GGUF models")
+                         hint="give a .gguf file, or a folder with config.json and *.safetensors")
     return LocalFiles([path.resolve()], origin={"type": "path", "path": str(path.resolve())})
+
+
+def _folder_model(folder: Path) -> LocalFiles | None:
+    """Every file of a folder model, named by its path inside the folder; None when the
+    folder is not one. Hidden files and folders (.git, .cache) are left out."""
+    if not any((folder / marker).is_file() for marker in FOLDER_MARKERS):
+        return None
+    files = sorted(p for p in folder.rglob("*")
+                   if p.is_file() and not any(part.startswith(".")
+                                              for part in p.relative_to(folder).parts))
+    names = [p.relative_to(folder).as_posix() for p in files]
+    found = detect_format(names)
+    if found is None or found.format == "gguf":
+        return None
+    # Links are followed: a folder of links (a model folder of the store, a Hugging Face
+    # snapshot) is stored by the files it points at.
+    return LocalFiles([p.resolve() for p in files], names=names,
+                      origin={"type": "path", "path": str(folder.resolve())})
+
+
+def model_name(files: LocalFiles) -> str:
+    """The name a model pulled from a path gets: the folder's name for a folder model, the
+    file's (without .gguf) otherwise."""
+    if files.names is not None:
+        return Path(files.origin["path"]).name
+    return files.paths[0].stem

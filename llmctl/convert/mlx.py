@@ -1,0 +1,279 @@
+"""Text models to MLX: `llmctl convert MODEL --to mlx [-q]`.
+
+A Hugging Face safetensors checkpoint goes straight to mlx-lm's `convert`. A GGUF model is
+first dequantized into such a checkpoint by transformers (which reads GGUF, with
+accelerate); transformers refuses to save a model it loaded from GGUF, so its weights go
+into a fresh model built from the same config, and that one is saved, with the tokenizer
+and chat template the GGUF carries. mlx-lm then converts (and quantizes) the checkpoint.
+Everything is written to a work folder under $LLMCTL_HOME/tmp; the result is moved into
+the store and registered as format "mlx" only once it is complete.
+
+torch, transformers and mlx are imported inside the functions that use them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from llmctl.errors import EngineFailure, EngineUnavailable, UsageError
+from llmctl.store import manifest as manifests
+from llmctl.store.catalog import Catalog
+from llmctl.store.layout import StoreLayout
+from llmctl.store.manifest import Manifest
+from llmctl.store.names import DEFAULT_TAG, NameRef, parse_reference, sanitize_name
+from llmctl.store.pull import OnEvent, PullEvent, Runnable, register, runnable
+from llmctl.store.sources import LocalFiles, ModelFormat
+
+# What MLX's affine quantization takes (mx.quantize).
+BITS = (2, 3, 4, 5, 6, 8)
+GROUP_SIZES = (32, 64, 128)
+DEFAULT_BITS = 4
+DEFAULT_GROUP_SIZE = 64  # mlx-lm's
+# GGUF quantizes weights in blocks of 32 (Q4_0, Q4_1, Q8_0, and the sub-blocks of the
+# k-quants). Re-quantizing in groups of 32 keeps those blocks' own scales and offsets;
+# groups of 64 quantize once more, and on SmolLM2 135M turned "The capital of France is
+# Paris." into "Le Bourget, la Rochel,".
+GGUF_GROUP_SIZE = 32
+MLX = ModelFormat("text", "mlx", "mlx")
+# GGUF general.file_type -> the dtype the dequantized weights are written in: all-f32
+# and bf16 files keep theirs, quantized and f16 ones become float16.
+_FILE_TYPE_DTYPES = {0: "float32", 32: "bfloat16"}
+
+
+@dataclass(frozen=True)
+class MlxOptions:
+    quantize: bool = False
+    bits: int = DEFAULT_BITS
+    group_size: int | None = None  # None: 64, or 32 for a GGUF model (see GGUF_GROUP_SIZE)
+
+    def check(self) -> None:
+        if self.bits not in BITS:
+            raise UsageError(f"--q-bits {self.bits} is not supported",
+                             hint=f"MLX quantizes to {', '.join(map(str, BITS))} bits")
+        if self.group_size is not None and self.group_size not in GROUP_SIZES:
+            raise UsageError(f"--q-group-size {self.group_size} is not supported",
+                             hint=f"use {', '.join(map(str, GROUP_SIZES))}")
+
+    @property
+    def suffix(self) -> str:
+        """The tag suffix of the result: `mlx`, `mlx-q4`."""
+        return f"mlx-q{self.bits}" if self.quantize else "mlx"
+
+
+@dataclass(frozen=True)
+class Conversion:
+    manifest: Manifest
+    source: str  # the model converted
+    seconds: float
+    bits_per_weight: float | None  # as mlx-lm reports it, for quantized results
+
+
+def _quiet(_event: PullEvent) -> None:
+    pass
+
+
+def convert(text: str, layout: StoreLayout, catalog: Catalog, *,
+            options: MlxOptions = MlxOptions(), name: str | None = None,
+            force: bool = False, on_event: OnEvent = _quiet) -> Conversion:
+    """Convert the model `text` names (stored, from the catalog, hf://, or a path) to MLX
+    and store the result under `name` (default: the model's name, its tag + "-mlx-q4")."""
+    options.check()
+    started = time.perf_counter()
+    source = runnable(text, layout, catalog, on_event=on_event)
+    _check_source(source, options)
+    target_name, tag = _target(source, options, name)
+    reference = f"{target_name}:{tag}"
+    if not force and manifests.load(layout, target_name, tag) is not None:
+        raise UsageError(f"{reference} is already stored",
+                         hint=f"run it with: llmctl run {reference}; convert again with --force")
+
+    def step(status: str, done: int = 0, total: int = 0) -> None:
+        on_event(PullEvent(reference, status, done, total))
+
+    from llmctl.convert import work_folder
+
+    group_size = options.group_size or (
+        GGUF_GROUP_SIZE if source.format == "gguf" else DEFAULT_GROUP_SIZE)
+    with layout.work_lock(f"convert-{_lock_key(reference)}"), work_folder(layout) as work:
+        dtype = None
+        if source.format == "gguf":
+            quantization = source.header.quantization if source.header else None
+            status = f"dequantizing the {quantization or 'GGUF'} weights (transformers)"
+            step(status)
+            hf_folder, dtype = dequantize_gguf(
+                source, work, on_progress=lambda done, total: step(status, done, total))
+        else:
+            hf_folder = source.path
+        out = work / "mlx"
+        report = _MlxLmReport(step, options.bits, group_size)
+        step("converting to MLX (mlx-lm)")
+        _mlx_convert(hf_folder, out, options, group_size, dtype, report)
+        origin: dict[str, Any] = {
+            "type": "convert", "from": source.name, "to": "mlx",
+            "quantization": {"bits": options.bits, "group_size": group_size}
+            if options.quantize else None,
+        }
+        if source.manifest is not None:
+            origin["from_digest"] = source.manifest.digest
+        if report.bits_per_weight is not None:
+            origin["bits_per_weight"] = report.bits_per_weight
+        files = sorted(p for p in out.rglob("*") if p.is_file())
+        step("storing")
+        result = register(
+            layout,
+            LocalFiles(files, names=[p.relative_to(out).as_posix() for p in files],
+                       origin=origin, owned=True),
+            name=target_name, tag=tag, expected_sha256=None, on_event=on_event,
+            model_format=MLX)
+    return Conversion(result.manifest, source.name, time.perf_counter() - started,
+                      report.bits_per_weight)
+
+
+def _lock_key(reference: str) -> str:
+    return reference.replace("/", "--").replace(":", "@")
+
+
+def _check_source(source: Runnable, options: MlxOptions) -> None:
+    if source.kind != "text" or source.format not in ("gguf", "safetensors", "mlx"):
+        raise UsageError(f"{source.name} is {'an image' if source.kind == 'image' else 'a'} "
+                         f"{source.format} model",
+                         hint="--to mlx converts text models: GGUF, or Hugging Face "
+                         "safetensors checkpoints")
+    if source.format != "gguf":
+        import json
+
+        config = json.loads((source.path / "config.json").read_text())
+        if config.get("quantization") or config.get("quantization_config"):
+            raise UsageError(f"{source.name} is already quantized",
+                             hint="convert the unquantized checkpoint, or run this one: "
+                             f"llmctl run {source.name} --engine mlx")
+        if source.format == "mlx" and not options.quantize:
+            raise UsageError(f"{source.name} is already an MLX model",
+                             hint="add -q to quantize it")
+
+
+def _target(source: Runnable, options: MlxOptions, name: str | None) -> tuple[str, str]:
+    if name:
+        ref = parse_reference(name)
+        if not isinstance(ref, NameRef):
+            raise UsageError(f"--name '{name}' is not a model name", hint="use NAME[:TAG]")
+        return ref.name, ref.tag or DEFAULT_TAG
+    if source.manifest is None:  # a path: its name, the conversion as the tag
+        return sanitize_name(source.name), options.suffix
+    tag = source.manifest.tag
+    return source.manifest.name, (options.suffix if tag == DEFAULT_TAG
+                                  else f"{tag}-{options.suffix}")
+
+
+def dequantize_gguf(source: Runnable, work: Path,
+                    on_progress: Callable[[int, int], None] | None = None) -> tuple[Path, str]:
+    """Write the GGUF model as a Hugging Face checkpoint (config.json, model.safetensors,
+    tokenizer files, chat_template.jinja) in work/hf; returns it and the dtype used.
+    `on_progress(tensors done, tensors total)` follows the dequantization."""
+    try:
+        import accelerate  # noqa: F401  (transformers' GGUF loading needs it)
+        import torch
+        import transformers
+    except ImportError as exc:
+        raise EngineFailure(
+            f"converting a GGUF model needs transformers, accelerate and torch ({exc.name} "
+            "is not installed); install them: pip install 'llmctl[convert]'") from None
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()  # llmctl reports the steps itself
+    file_type = source.header.metadata.get("general.file_type") if source.header else None
+    dtype_name = _FILE_TYPE_DTYPES.get(file_type, "float16")
+    dtype = getattr(torch, dtype_name)
+    # transformers opens GGUF files by name in a folder; the store names blobs by digest.
+    folder = work / "gguf"
+    folder.mkdir()
+    (folder / "model.gguf").symlink_to(source.path.resolve())
+    # transformers draws its own tqdm bar for the tensors on stderr: read it as progress.
+    bar = _TextWatch(lambda text: _tensor_progress(text, on_progress))
+    try:
+        with contextlib.redirect_stderr(bar):
+            loaded = transformers.AutoModelForCausalLM.from_pretrained(
+                folder, gguf_file="model.gguf")
+            tokenizer = transformers.AutoTokenizer.from_pretrained(folder,
+                                                                   gguf_file="model.gguf")
+    except (ValueError, KeyError, NotImplementedError) as exc:
+        # An architecture or tensor type transformers cannot read from GGUF.
+        raise UsageError(f"transformers cannot read {source.name} ({exc})",
+                         hint="convert the model's Hugging Face checkpoint instead") from None
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = dtype_name
+    # Built on the meta device (no memory, no random initialisation) and given the loaded
+    # tensors, cast, in place of its empty ones.
+    with torch.device("meta"):
+        fresh = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    state = {key: value.to(dtype) for key, value in loaded.state_dict().items()}
+    del loaded
+    fresh.load_state_dict(state, strict=True, assign=True)
+    fresh.tie_weights()
+    out = work / "hf"
+    fresh.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out, dtype_name
+
+
+class _TextWatch(io.TextIOBase):
+    """A stand-in for stdout or stderr that hands what a library prints to a function
+    instead of the terminal."""
+
+    def __init__(self, on_text: Callable[[str], None]):
+        self.on_text = on_text
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        self.on_text(text)
+        return len(text)
+
+
+def _tensor_progress(text: str, on_progress: Callable[[int, int], None] | None) -> None:
+    """tqdm's "...: 15%|█▌   | 41/272 [00:00<00:03, 63.19it/s]" -> on_progress(41, 272)."""
+    if on_progress and (found := re.search(r"\|\s*(\d+)/(\d+)\s*\[", text)):
+        on_progress(int(found[1]), int(found[2]))
+
+
+class _MlxLmReport(_TextWatch):
+    """Stands in for stdout while mlx-lm's convert runs: it prints its steps there
+    ("[INFO] Quantizing", "Quantized model with 4.503 bits per weight."), and stdout is
+    for llmctl's payload. The steps become progress events; the rest is dropped."""
+
+    def __init__(self, step: Callable[[str], None], bits: int, group_size: int):
+        super().__init__(self._read)
+        self.step = step
+        self.quantizing = f"quantizing to {bits} bits (groups of {group_size})"
+        self.bits_per_weight: float | None = None
+
+    def _read(self, text: str) -> None:
+        if "[INFO] Quantizing" in text:
+            self.step(self.quantizing)
+        if found := re.search(r"([\d.]+) bits per weight", text):
+            self.bits_per_weight = float(found[1])
+
+
+def _mlx_convert(hf_folder: Path, out: Path, options: MlxOptions, group_size: int,
+                 dtype: str | None, report: _MlxLmReport) -> None:
+    try:
+        from mlx_lm import convert as mlx_lm_convert
+    except ImportError as exc:
+        raise EngineUnavailable("mlx", f"mlx-lm cannot be imported ({exc})",
+                                "pip install 'llmctl[mlx]'") from None
+    try:
+        with contextlib.redirect_stdout(report):
+            mlx_lm_convert(str(hf_folder), str(out), quantize=options.quantize,
+                           q_bits=options.bits, q_group_size=group_size, dtype=dtype)
+    except ValueError as exc:  # mlx-lm's words for a model type it does not support
+        raise EngineFailure(f"mlx-lm could not convert the model: {exc}") from None
