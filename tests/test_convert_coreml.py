@@ -274,8 +274,8 @@ def test_the_unets_attention_layers_match_the_original(tiny_unet: Any,
 
 def test_the_attention_check_catches_a_wrong_layout(tiny_unet: Any,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    def softmax_over_queries(q: Any, k: Any, v: Any, scale: float, mask: Any) -> Any:
-        weights = (torch.einsum("bdhk,bdhq->bkhq", k, q) * scale).softmax(dim=3)
+    def softmax_over_queries(q: Any, k: Any, v: Any, mask: Any) -> Any:
+        weights = torch.einsum("bdhq,bkhd->bkhq", q, k).softmax(dim=3)
         return torch.einsum("bkhq,bdhk->bdhq", weights, v)
 
     monkeypatch.setattr(SplitEinsumAttention, "_head", staticmethod(softmax_over_queries))

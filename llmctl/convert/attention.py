@@ -124,13 +124,17 @@ class SplitEinsumAttention:
         head_dim = key.shape[1] // heads
         key_length = key.shape[3]
         masks = _head_masks(attn, attention_mask, key_length, batch, heads)
-        scale = attn.scale
+        # Scaled once for all heads. The keys are turned once to (B, Sk, 1, C), so that
+        # each head's scores are the einsum Core ML maps onto one batched matmul with no
+        # transpose per head ("nchw,nwhu->nchu" in coremltools' terms).
+        query = query * attn.scale
+        keys = key.transpose(1, 3)
         outputs = []
         for h in range(heads):
             channels = slice(h * head_dim, (h + 1) * head_dim)
-            q, k, v = query[:, channels], key[:, channels], value[:, channels]
+            q, k, v = query[:, channels], keys[..., channels], value[:, channels]
             mask = masks[h] if masks is not None else None
-            pieces = [self._head(q_part, k, v, scale, _mask_part(mask, part))
+            pieces = [self._head(q_part, k, v, _mask_part(mask, part))
                       for part, q_part in self._query_parts(q)]
             outputs.append(pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=3))
         out = torch.cat(outputs, dim=1)  # (B, heads * head_dim, 1, Sq)
@@ -156,18 +160,17 @@ class SplitEinsumAttention:
             yield part, q[..., part]
 
     @staticmethod
-    def _head(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+    def _head(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               mask: torch.Tensor | None) -> torch.Tensor:
-        """One head: q (B, d, 1, Sq), k and v (B, d, 1, Sk) -> (B, d, 1, Sq). The scores
-        are laid out (B, Sk, 1, Sq), keys on the channel axis, so that both products are
-        einsums over channels and the softmax runs over axis 1."""
+        """One head: q (B, d, 1, Sq) already scaled, k (B, Sk, 1, d), v (B, d, 1, Sk) ->
+        (B, d, 1, Sq). The scores are laid out (B, Sk, 1, Sq), keys on the channel axis:
+        both products are einsums over one axis, and the softmax runs over axis 1."""
         import torch
 
-        scores = torch.einsum("bdhk,bdhq->bkhq", k, q) * scale
+        scores = torch.einsum("bdhq,bkhd->bkhq", q, k)
         if mask is not None:
             scores = scores + mask
-        weights = scores.softmax(dim=1)
-        return torch.einsum("bkhq,bdhk->bdhq", weights, v)
+        return torch.einsum("bkhq,bdhk->bdhq", scores.softmax(dim=1), v)
 
 
 def _pointwise_conv(linear: Any, x: torch.Tensor) -> torch.Tensor:

@@ -190,7 +190,8 @@ def inspect_pipeline(source: Runnable, options: CoremlOptions) -> Pipeline:
     if index.get("text_encoder_2") or index.get("tokenizer_2"):
         raise UsageError(f"{source.name} is a {index.get('_class_name', 'SDXL')} pipeline "
                          "(two text encoders), which llmctl does not convert yet",
-                         hint="Stable Diffusion 1.x and 2.x convert; for SDXL try --via apple")
+                         hint="Stable Diffusion 1.x and 2.x convert; for SDXL run Apple's "
+                         "torch2coreml with --xl-version yourself")
     wanted = dict(REQUIRED)
     if options.safety_checker:
         wanted["safety_checker"] = "safety checker"
@@ -340,8 +341,9 @@ def convert(text: str, layout: StoreLayout, catalog: Catalog, *,
         result = register(
             layout, LocalFiles(files, names=[p.relative_to(resources).as_posix()
                                              for p in files], origin=origin, owned=True),
-            name=target_name, tag=tag, expected_sha256=None, on_event=on_event,
-            model_format=CORE_ML)
+            name=target_name, tag=tag, expected_sha256=None, model_format=CORE_ML,
+            # One "verifying <file>" per file of every package would bury the progress.
+            on_event=lambda e: None if e.status.startswith("verifying ") else on_event(e))
         shutil.rmtree(work, ignore_errors=True)
     return CoremlConversion(result.manifest, source.name, time.perf_counter() - started,
                             job.compiled, job.resumed, job.notes, job.report)
