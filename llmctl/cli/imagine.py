@@ -81,7 +81,7 @@ def imagine(
         llmctl imagine sd-turbo "a lighthouse at dusk, oil painting"
         llmctl imagine sd1.5 "a red fox in snow" --seed 42 -n 4 -o foxes/
         llmctl imagine ./my-pipeline "a cat" --steps 20 --preview-every 5 -o cat.png
-        llmctl imagine sd1.5:coreml-split-einsum "a castle" --compute-units cpu_and_ne
+        llmctl imagine sd1.5:coreml-split_einsum "a castle" --compute-units cpu_and_ne
     """
     import secrets
     from datetime import datetime
@@ -96,6 +96,7 @@ def imagine(
         check_request,
     )
     from llmctl.errors import UsageError
+    from llmctl.store.layout import StoreLayout
 
     out = Output(json_mode=json)
     check_request(width, height, scheduler)
@@ -122,7 +123,7 @@ def imagine(
         scheduler or defaults.get("scheduler"), preview_every) for i in range(count)]
     created = datetime.now()
     ids = [gallery.new_id() for _ in requests]
-    paths = gallery.plan_paths(output, _layout(), ids, created)
+    paths = gallery.plan_paths(output, StoreLayout.default(), ids, created)
     base = {"model": target.name, "model_digest": target.manifest.digest if target.manifest
             else None, "engine": spec.name, "llmctl": __version__}
     done = 0
@@ -184,11 +185,5 @@ def _default_device() -> str:
     if sys.platform == "darwin" and platform.machine() == "arm64":
         return "mps"
     return "cuda" if shutil.which("nvidia-smi") else "cpu"
-
-
-def _layout() -> Any:
-    from llmctl.store.layout import StoreLayout
-
-    return StoreLayout.default()
 
 

@@ -200,9 +200,11 @@ def step_progress(out: Output) -> Iterator[Callable[[str, int, int, float, float
         text = (f"{label}step {step}/{total}, {format_seconds(elapsed)} elapsed, "
                 f"{format_seconds(left)} left")
         if fancy:
-            out.stderr.write("\r\x1b[2K" + text)
+            # The last step ends the line, so that what comes next (the payload, when
+            # stdout is the same terminal) starts on a line of its own.
+            shown = step < total
+            out.stderr.write("\r\x1b[2K" + text + ("" if shown else "\n"))
             out.stderr.flush()
-            shown = True
         else:
             out.info(text)
 

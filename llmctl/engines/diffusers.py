@@ -109,7 +109,7 @@ def choose_device(torch: Any, asked: str | None) -> str:
     if asked:
         if not available.get(asked):
             raise EngineUnavailable("diffusers", f"torch {torch.__version__} sees no {asked} "
-                                    "device here; try --device cpu")
+                                    "device; try --device cpu")
         return asked
     return next(name for name, ok in available.items() if ok)
 

@@ -136,10 +136,10 @@ def check_request(width: int | None, height: int | None, scheduler: str | None) 
 # --- memory ----------------------------------------------------------------------------
 
 OVERHEAD = 256 * 1024**2  # Python, torch and its allocator, the tokenizer
-# Working memory (activations, attention, the VAE decoder at full size) per 512x512
-# pixels of output, for one image with classifier-free guidance. Measured in float32 on
-# CPU: Stable Diffusion 1.5 peaks about 1 GB above its weights at 512x512, most of it in
-# the VAE decoder's full-resolution feature maps.
+# Working memory (activations, attention, the VAE decoder's full-size feature maps) per
+# 512x512 pixels of output, for one image with classifier-free guidance: an allowance
+# that leans high, like llmctl.memory's, not a measurement (no real Stable Diffusion
+# weights can be downloaded where this was written).
 WORK_PER_512 = 1024**3
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".weights")
 
