@@ -414,3 +414,19 @@ def test_several_core_ml_variants_need_a_choice() -> None:
              "split_einsum/compiled/Unet.mlmodelc/model.mil"]
     with pytest.raises(UsageError, match="choices: original/packages, split_einsum/compiled"):
         hf._choose(HubRef("org/repo", None, None), hf._Listing(None, files))
+
+
+@pytest.mark.timeout(900)
+def test_convert_from_the_hub_to_mlx(llmctl: Runner, repos: Repos,
+                                     shared_hf_home: Path) -> None:
+    """`convert hf://...` pulls through the Hub source first, then converts."""
+    pytest.importorskip("mlx_lm")
+    env = hub_env(repos, shared_hf_home)
+    result = llmctl("convert", "hf://test/quants:Q4_1", "--to", "mlx", "-q", env=env)
+    assert result.returncode == 0, result.stderr
+    stored = llmctl("ls", "--json").stdout
+    models = {m["name"] + ":" + m["tag"]: m for m in json.loads(stored)}
+    assert "test/quants:q4_1" in models  # the GGUF, pulled on the way
+    [converted] = [m for ref, m in models.items() if "mlx" in ref]
+    assert converted["format"] == "mlx" and converted["engine"] == "mlx"
+    assert result.stdout.strip() == f"{converted['name']}:{converted['tag']}"
