@@ -291,3 +291,35 @@ parameters = {{ steps = 2, guidance = 5.0, width = 48, height = 56 }}
         "tokenizer/tokenizer_config.json", "tokenizer/vocab.json", "unet/config.json",
         "unet/diffusion_pytorch_model.fp16.safetensors", "vae/config.json",
         "vae/diffusion_pytorch_model.fp16.safetensors"])
+
+
+def test_output_paths(tmp_path: Path) -> None:
+    from datetime import datetime
+
+    from llmctl.errors import UsageError
+    from llmctl.gallery import gallery_folder, plan_paths
+    from llmctl.store.layout import StoreLayout
+
+    layout = StoreLayout(tmp_path / "home")
+    when = datetime(2026, 1, 2, 3, 4, 5)
+    assert plan_paths(tmp_path / "a.png", layout, ["x"], when) == [tmp_path / "a.png"]
+    assert plan_paths(tmp_path / "a.png", layout, ["x", "y"], when) == [
+        tmp_path / "a-1.png", tmp_path / "a-2.png"]
+    assert plan_paths(tmp_path / "out", layout, ["x"], when) == [
+        tmp_path / "out" / "20260102-030405-x.png"]
+    assert plan_paths(None, layout, ["x"], when) == [
+        gallery_folder(layout) / "20260102-030405-x.png"]
+    with pytest.raises(UsageError, match="PNG"):
+        plan_paths(tmp_path / "a.jpg", layout, ["x"], when)
+
+
+def test_gallery_reads_the_png_when_the_sidecar_is_gone(tmp_path: Path) -> None:
+    from llmctl.gallery import gallery_folder, list_images, write_image
+    from llmctl.store.layout import StoreLayout
+
+    layout = StoreLayout(tmp_path)
+    path = gallery_folder(layout) / "20260102-030405-abcd1234.png"
+    write_image(path, Image.new("RGB", (8, 16)), {"id": "abcd1234", "prompt": "p", "seed": 1})
+    path.with_suffix(".json").unlink()
+    [found] = list_images(layout)
+    assert (found.id, found.meta["prompt"]) == ("abcd1234", "p")
