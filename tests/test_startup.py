@@ -28,7 +28,8 @@ def imported_modules(*args: str, env: dict[str, str] | None = None) -> set[str]:
                                   ("pull", "--help"), ("--version",), ("ls", "--available"),
                                   ("ls", "--available", "--fits", "--json"),
                                   ("catalog", "ls"), ("import", "--help"),
-                                  ("convert", "--help")])
+                                  ("convert", "--help"), ("imagine", "--help"),
+                                  ("ls", "--images"), ("ls", "--images", "--json")])
 def test_command_imports_nothing_heavy(args: tuple[str, ...]) -> None:
     modules = imported_modules(*args)
     assert "typer" in modules  # the measurement works

@@ -198,7 +198,7 @@ class CoreMLEngine:
             from transformers import CLIPTokenizer
         except ImportError as exc:
             raise EngineUnavailable("coreml", f"the pipeline's libraries cannot be imported "
-                                    f"({exc})", "pip install 'llmctl[coreml,diffusers]'"
+                                    f"({exc})", "pip install 'llmctl[coreml]'"
                                     ) from None
         self.np, self.torch = np, torch
         self.device = f"coreml:{options.compute_units}"

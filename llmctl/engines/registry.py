@@ -12,8 +12,10 @@ import platform
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from llmctl.engines.base import LoadOptions, TextEngine
+from llmctl.engines.image import ImageEngine, ImageLoadOptions
 from llmctl.errors import EngineUnavailable, UsageError
 
 
@@ -43,6 +45,15 @@ ENGINES: dict[str, EngineSpec] = {
                    "pip install 'llmctl[mlx]'",
                    platforms=("darwin-arm64", "linux-x86_64", "linux-aarch64"),
                    runs_on="Apple Silicon Macs and, on the CPU, Linux", convert_to="mlx"),
+        # Image engines (llmctl.engines.image's contract): PyTorch anywhere torch runs
+        # (CUDA, Apple's MPS, CPU), Core ML where its predictions run: macOS only.
+        EngineSpec("diffusers", "llmctl.engines.diffusers", "image", ("diffusers",),
+                   "diffusers", "pip install 'llmctl[diffusers]'"),
+        EngineSpec("coreml", "llmctl.engines.coreml", "image", ("coreml",), "coremltools",
+                   "pip install 'llmctl[coreml]'",
+                   platforms=("darwin-arm64", "darwin-x86_64"),
+                   runs_on="macOS only (Core ML predictions need Apple's frameworks)",
+                   convert_to="coreml"),
     )
 }
 
@@ -82,8 +93,16 @@ def check_available(spec: EngineSpec) -> None:
 
 
 def load_text_engine(spec: EngineSpec, path: Path, options: LoadOptions) -> TextEngine:
-    if spec.kind != "text":
-        raise UsageError(f"the {spec.name} engine runs image models, not text models")
+    return _load(spec, "text", path, options)
+
+
+def load_image_engine(spec: EngineSpec, path: Path, options: ImageLoadOptions) -> ImageEngine:
+    return _load(spec, "image", path, options)
+
+
+def _load(spec: EngineSpec, kind: str, path: Path, options: object) -> Any:
+    if spec.kind != kind:
+        raise UsageError(f"the {spec.name} engine runs {spec.kind} models, not {kind} models")
     check_available(spec)
     module = importlib.import_module(spec.module)
     return module.load(path, options)
