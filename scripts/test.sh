@@ -3,5 +3,5 @@
 #   sh scripts/test.sh [pytest arguments]
 set -eu
 cd "$(dirname "$0")/.."
-sh scripts/setup.sh llama,demo,dev,mlx,convert
+sh scripts/setup.sh llama,demo,dev,mlx,convert,diffusers,coreml
 exec .venv/bin/python -m pytest "$@"

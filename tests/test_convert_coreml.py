@@ -330,6 +330,7 @@ def test_the_resource_folder_has_every_model_and_file(conversions: Any, key: str
     assert converted.result.notes == [
         "Core ML models are compiled (.mlmodelc) only on macOS; stored as .mlpackage, which "
         "Core ML compiles when it loads them"]
+    assert converted.result.warnings == []  # no chunk over 1 GB
 
 
 def test_tags_name_the_conversion(conversions: Any) -> None:
@@ -520,11 +521,11 @@ def test_cli_converts_and_stores_the_pipeline(cli_conversion: CliConversion,
     result = cli_conversion.result
     assert result.returncode == 0, result.stderr
     assert result.stdout == "tiny-sd:coreml-split_einsum_v2\n"  # the payload only
-    assert "Traceback" not in result.stderr and "warning: " not in result.stderr.replace(
-        "warning: Core ML models are compiled", "")
+    assert "Traceback" not in result.stderr and "warning: " not in result.stderr
     for name in ("TextEncoder", "Unet", "VAEDecoder"):
         assert f"tiny-sd:coreml-split_einsum_v2: {name}: done in" in result.stderr
-    assert "stored as .mlpackage" in result.stderr
+    assert "\nnote: Core ML models are compiled (.mlmodelc) only on macOS; stored as " \
+        ".mlpackage" in result.stderr
     env = {"LLMCTL_HOME": str(cli_conversion.home)}
     listed = llmctl("ls", env=env)
     assert listed.returncode == 0
@@ -616,6 +617,20 @@ def test_a_text_model_is_refused(llmctl: Runner, smollm2_gguf: Path) -> None:
     line = error_line(result)
     assert "is a text model (gguf), not a diffusers Stable Diffusion pipeline" in line
     assert "--to mlx" in line
+
+
+def test_a_catalog_text_model_is_refused_before_pulling(llmctl: Runner) -> None:
+    result = llmctl("convert", "smollm2", "--to", "coreml")
+    assert result.returncode == 2
+    assert "smollm2:135m is a text model (gguf)" in error_line(result)
+    assert llmctl("ls", "-q").stdout == ""  # nothing was pulled
+
+
+def test_coreml_options_are_refused_for_mlx(llmctl: Runner) -> None:
+    result = llmctl("convert", "smollm2", "--to", "mlx", "--quantize-nbits", "4",
+                    "--low-memory")
+    assert result.returncode == 2
+    assert "--quantize-nbits, --low-memory are for --to coreml" in error_line(result)
 
 
 @pytest.mark.parametrize("change,message", [

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from llmctl.cli.common import JsonOpt, ModelArg
 from llmctl.cli.output import Output, format_bytes
+from llmctl.convert.attention import AttentionImplementation  # an enum; no torch
+
+if TYPE_CHECKING:
+    from llmctl.convert.coreml_sd import CoremlOptions
 
 
 class Target(StrEnum):
@@ -16,6 +20,11 @@ class Target(StrEnum):
 
     mlx = "mlx"
     coreml = "coreml"
+
+
+class Via(StrEnum):
+    llmctl = "llmctl"
+    apple = "apple"
 
 
 def convert(
@@ -35,12 +44,52 @@ def convert(
         show_default=False)] = None,
     name: Annotated[str | None, typer.Option(
         "--name", metavar="NAME[:TAG]", help="Store the result under this name. [default: "
-        "the model's name, its tag + -mlx or -mlx-q4]", show_default=False)] = None,
+        "the model's name, its tag + -mlx, -mlx-q4, -coreml-split_einsum_v2...]",
+        show_default=False)] = None,
     force: Annotated[bool, typer.Option(
         "--force", help="Convert again even if the result is stored.")] = False,
     json: JsonOpt = False,
+    attention: Annotated[AttentionImplementation | None, typer.Option(
+        "--attention-implementation", case_sensitive=False,
+        help="coreml: SPLIT_EINSUM_V2 or SPLIT_EINSUM (the Neural Engine's layout), or "
+        "ORIGINAL. [default: SPLIT_EINSUM_V2]", show_default=False)] = None,
+    chunk_unet: Annotated[bool | None, typer.Option(
+        "--chunk-unet/--no-chunk-unet", help="coreml: split the UNet in two "
+        "of about equal weight size. [default: on for iOS targets]", show_default=False)
+    ] = None,
+    quantize_nbits: Annotated[int | None, typer.Option(
+        "--quantize-nbits", metavar="BITS", help="coreml: palettize the text "
+        "encoder and the UNet (chunks too): 1, 2, 4, 6 or 8 bits.")] = None,
+    target: Annotated[str | None, typer.Option(
+        "--min-deployment-target", metavar="TARGET", help="coreml: macOS13, "
+        "macOS14, iOS16 or iOS17 (6 bits need macOS14/iOS17). [default: macOS13]",
+        show_default=False)] = None,
+    latent_h: Annotated[int | None, typer.Option(
+        "--latent-h", metavar="N", help="coreml: latent height (image height"
+        " / 8). [default: the UNet's sample size]", show_default=False)] = None,
+    latent_w: Annotated[int | None, typer.Option(
+        "--latent-w", metavar="N", help="coreml: latent width.",
+        show_default=False)] = None,
+    compute_unit: Annotated[str | None, typer.Option(
+        "--compute-unit", metavar="UNIT", help="coreml: ALL, CPU_AND_GPU, "
+        "CPU_ONLY or CPU_AND_NE. [default: ALL]", show_default=False)] = None,
+    vae_encoder: Annotated[bool, typer.Option(
+        "--vae-encoder", help="coreml: also convert the VAE encoder.")] = False,
+    safety_checker: Annotated[bool, typer.Option(
+        "--safety-checker", help="coreml: also convert the safety checker.")
+    ] = False,
+    low_memory: Annotated[bool, typer.Option(
+        "--low-memory", help="coreml: convert each component in a process of "
+        "its own: the peak memory is the largest component's.")] = False,
+    via: Annotated[Via, typer.Option(
+        "--via", case_sensitive=False, help="coreml: convert with llmctl, or "
+        "with Apple's torch2coreml where installed.")] = Via.llmctl,
 ) -> None:
     """Convert a model to another engine's format and store the result.
+
+    --to coreml takes a diffusers Stable Diffusion pipeline and writes the Core ML resource
+    folder Apple's pipelines read (TextEncoder, Unet or UnetChunk1/2, VAEDecoder, vocab.json,
+    merges.txt); an interrupted conversion keeps its finished components for the next run.
 
     --to mlx takes a text model, GGUF (dequantized through transformers first) or a Hugging
     Face safetensors checkpoint, from the store, the catalog, hf:// or a path, and converts
@@ -54,13 +103,35 @@ def convert(
         llmctl convert smollm2 --to mlx -q           # stored as smollm2:135m-mlx-q4
         llmctl run smollm2:135m-mlx-q4 "Hello"       # runs on the mlx engine
         llmctl convert ./my-hf-checkpoint --to mlx --q-bits 8 --name mine:8bit
+        llmctl convert sd15 --to coreml --quantize-nbits 6 --min-deployment-target iOS17
     """
     from llmctl.cli.common import open_store
     from llmctl.errors import UsageError
 
-    if to is not Target.mlx:
-        raise UsageError(f"converting to {to.value} is not in this version of llmctl yet",
-                         hint="available: --to mlx")
+    coreml = {"--attention-implementation": attention, "--chunk-unet": chunk_unet,
+              "--quantize-nbits": quantize_nbits, "--min-deployment-target": target,
+              "--latent-h": latent_h, "--latent-w": latent_w, "--compute-unit": compute_unit,
+              "--vae-encoder": vae_encoder or None, "--safety-checker": safety_checker or None,
+              "--low-memory": low_memory or None, "--via": via if via is Via.apple else None}
+    if to is Target.coreml:
+        if quantize or q_bits is not None or q_group_size is not None:
+            raise UsageError("-q, --q-bits and --q-group-size are for --to mlx",
+                             hint="--to coreml palettizes with --quantize-nbits")
+        from llmctl.convert.coreml_sd import CoremlOptions
+
+        defaults = CoremlOptions()
+        _to_coreml(model, CoremlOptions(
+            attention=attention or defaults.attention, chunk_unet=chunk_unet,
+            quantize_nbits=quantize_nbits, latent_h=latent_h, latent_w=latent_w,
+            min_deployment_target=target or defaults.min_deployment_target,
+            compute_unit=(compute_unit or defaults.compute_unit).upper(),
+            vae_encoder=vae_encoder, safety_checker=safety_checker,
+            one_process_per_component=low_memory, via_apple=via is Via.apple),
+            name, force, json)
+        return
+    if given := [option for option, value in coreml.items() if value is not None]:
+        raise UsageError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for "
+                         "--to coreml")
     from llmctl.convert.mlx import DEFAULT_BITS, MlxOptions
     from llmctl.convert.mlx import convert as convert_to_mlx
 
@@ -77,6 +148,32 @@ def convert(
     bits = f", {result.bits_per_weight:g} bits per weight" if result.bits_per_weight else ""
     out.info(f"{manifest.reference}: {format_bytes(manifest.size)}{bits}, converted from "
              f"{result.source} in {result.seconds:.0f}s")
+    if json:
+        out.json_line(manifest.to_dict())
+    else:
+        out.line(manifest.reference)
+
+
+def _to_coreml(model: str, options: CoremlOptions, name: str | None, force: bool,
+               json: bool) -> None:
+    from llmctl.cli.common import open_store
+    from llmctl.convert.coreml_sd import convert as convert_to_coreml
+    from llmctl.convert.coreml_sd import peak_memory_bytes
+
+    out = Output(json_mode=json)
+    layout, catalog = open_store()
+    with out.progress() as report:
+        result = convert_to_coreml(
+            model, layout, catalog, options=options, name=name, force=force,
+            on_event=lambda e: report(e.model, e.status, e.completed, e.total))
+    for warning in result.warnings:
+        out.warn(warning)
+    for note in result.notes:
+        out.info(f"note: {note}")
+    manifest = result.manifest
+    out.info(f"{manifest.reference}: {format_bytes(manifest.size)}, converted from "
+             f"{result.source} in {result.seconds:.0f}s (peak memory "
+             f"{format_bytes(peak_memory_bytes())})")
     if json:
         out.json_line(manifest.to_dict())
     else:

@@ -53,6 +53,7 @@ from llmctl.store import manifest as manifests
 from llmctl.store.catalog import Catalog
 from llmctl.store.layout import StoreLayout, write_atomically
 from llmctl.store.manifest import Manifest
+from llmctl.store.names import NameRef, find_stored, parse_reference
 from llmctl.store.pull import OnEvent, PullEvent, Runnable, register, runnable
 from llmctl.store.sources import LocalFiles, ModelFormat
 
@@ -155,7 +156,8 @@ class CoremlConversion:
     seconds: float
     compiled: bool  # .mlmodelc (macOS) rather than .mlpackage
     resumed: list[str]  # components finished by an earlier, interrupted run
-    notes: list[str]  # warnings and facts for stderr
+    notes: list[str]  # facts for stderr (the models are not compiled here)
+    warnings: list[str]  # what may not work as the user wants (a chunk over 1 GB)
     report: dict[str, Any] = field(default_factory=dict)  # conversion.json's content
 
 
@@ -295,6 +297,7 @@ def convert(text: str, layout: StoreLayout, catalog: Catalog, *,
     "-coreml-<attention>[-<n>bit][-chunked]")."""
     options.check()
     started = time.perf_counter()
+    _refuse_catalog_text_model(text, layout, catalog)
     source = runnable(text, layout, catalog, on_event=on_event)
     pipeline = inspect_pipeline(source, options)
     # Named as `--to mlx` names its results: the source's name, its tag + the suffix.
@@ -346,7 +349,21 @@ def convert(text: str, layout: StoreLayout, catalog: Catalog, *,
             on_event=lambda e: None if e.status.startswith("verifying ") else on_event(e))
         shutil.rmtree(work, ignore_errors=True)
     return CoremlConversion(result.manifest, source.name, time.perf_counter() - started,
-                            job.compiled, job.resumed, job.notes, job.report)
+                            job.compiled, job.resumed, job.notes, job.warnings, job.report)
+
+
+def _refuse_catalog_text_model(text: str, layout: StoreLayout, catalog: Catalog) -> None:
+    """A catalog model not stored yet would be pulled before inspect_pipeline refuses it:
+    say no first when the catalog already tells it is not an image model."""
+    ref = parse_reference(text)
+    if not isinstance(ref, NameRef) or find_stored(layout, catalog, ref) is not None:
+        return
+    match = catalog.find(ref.name, ref.tag)
+    if match is not None and match.entry.kind != "image":
+        raise UsageError(f"{match.reference} is a {match.entry.kind} model "
+                         f"({match.entry.format}), not a diffusers Stable Diffusion pipeline",
+                         hint="--to coreml converts Stable Diffusion pipelines; text models "
+                         "convert --to mlx")
 
 
 def _work_key(source: Runnable, options: CoremlOptions) -> str:
@@ -385,6 +402,7 @@ class _Job:
         self.log = work / "log.txt"
         self.resumed: list[str] = []
         self.notes: list[str] = []
+        self.warnings: list[str] = []
         self.compiled = False
         self.report: dict[str, Any] = {}
 
@@ -568,7 +586,7 @@ class _Job:
         self.step("Unet: chunk weights " + ", ".join(f"{n} {_size(s)}" for n, s in sizes.items()))
         for name, size in sizes.items():
             if size > CHUNK_WARN_BYTES:
-                self.notes.append(f"{name} has {_size(size)} of weights, over the 1 GB Apple "
+                self.warnings.append(f"{name} has {_size(size)} of weights, over the 1 GB Apple "
                                   "recommends per model on iOS; palettize (--quantize-nbits 6)")
         return facts | {"models": models}
 
