@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from llmctl.cli.common import JsonOpt, ModelArg
+from llmctl.cli.common import JsonOpt, complete_model
 from llmctl.cli.output import Output, format_bytes, step_progress
 
 if TYPE_CHECKING:
@@ -18,12 +18,15 @@ if TYPE_CHECKING:
 
 DEFAULT_STEPS, DEFAULT_GUIDANCE = 30, 7.5
 
+ImageModelArg = Annotated[str, typer.Argument(
+    metavar="MODEL", help="An image model: NAME[:TAG], a diffusers folder (model_index.json), "
+    "or an ID prefix.", autocompletion=complete_model, show_default=False)]
 Size = Annotated[int | None, typer.Option(
     min=8, help="Pixels, a multiple of 8. [default: the model's]", show_default=False)]
 
 
 def imagine(
-    model: ModelArg,
+    model: ImageModelArg,
     prompt: Annotated[list[str] | None, typer.Argument(
         metavar="PROMPT", help="What to draw; piped stdin comes first, then this.",
         show_default=False)] = None,
