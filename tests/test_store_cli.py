@@ -180,3 +180,24 @@ def test_a_stored_model_damaged_later_exits_4(
     result = llmctl("run", "victim", "hi")
     assert result.returncode == 4
     assert "llmctl pull victim:latest" in error_line(result)
+
+
+def test_pull_of_a_core_ml_resource_folder(llmctl: Runner, tmp_path: Path) -> None:
+    """A folder of Core ML resources (as Apple publishes them) is a model by its
+    .mlmodelc/.mlpackage folders: stored file by file, named by their paths inside it."""
+    resources = tmp_path / "Resources"
+    for part, body in {"TextEncoder.mlmodelc/model.mil": "program",
+                       "TextEncoder.mlmodelc/weights/weight.bin": "w1",
+                       "Unet.mlmodelc/model.mil": "program2",
+                       "Unet.mlmodelc/weights/weight.bin": "w2",
+                       "VAEDecoder.mlmodelc/model.mil": "program3",
+                       "vocab.json": "{}", "merges.txt": "#version: 0.2\n"}.items():
+        (resources / part).parent.mkdir(parents=True, exist_ok=True)
+        (resources / part).write_text(body)
+    result = llmctl("pull", "--json", str(resources), "--name", "sd:coreml")
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads(result.stdout)
+    assert (manifest["kind"], manifest["engine"], manifest["format"]) == (
+        "image", "coreml", "coreml")
+    assert "Unet.mlmodelc/weights/weight.bin" in [f["name"] for f in manifest["files"]]
+    assert len(manifest["files"]) == 7

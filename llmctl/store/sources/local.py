@@ -37,8 +37,9 @@ def locate(path: Path) -> LocalFiles:
 def _folder_model(folder: Path) -> LocalFiles | None:
     """Every file of a folder model, named by its path inside the folder; None when the
     folder is not one. Hidden files and folders (.git, .cache) are left out."""
-    if not any((folder / marker).is_file() for marker in FOLDER_MARKERS):
-        return None
+    if not any((folder / marker).is_file() for marker in FOLDER_MARKERS) and not any(
+            p.suffix.lower() in (".mlmodelc", ".mlpackage") for p in folder.iterdir()):
+        return None  # neither a checkpoint, a diffusers pipeline nor Core ML resources
     files = sorted(p for p in folder.rglob("*")
                    if p.is_file() and not any(part.startswith(".")
                                               for part in p.relative_to(folder).parts))
