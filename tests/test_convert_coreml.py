@@ -17,6 +17,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -619,10 +620,14 @@ def test_a_text_model_is_refused(llmctl: Runner, smollm2_gguf: Path) -> None:
     assert "--to mlx" in line
 
 
-def test_a_catalog_text_model_is_refused_before_pulling(llmctl: Runner) -> None:
+def test_catalog_models_that_are_no_pipelines_are_refused_before_pulling(llmctl: Runner) -> None:
     result = llmctl("convert", "smollm2", "--to", "coreml")
     assert result.returncode == 2
     assert "smollm2:135m is a text model (gguf)" in error_line(result)
+    apple = llmctl("convert", "sd1.5:coreml-split_einsum", "--to", "coreml")
+    assert apple.returncode == 2
+    assert ("sd1.5:coreml-split_einsum is an image model (coreml), not a diffusers "
+            "Stable Diffusion pipeline; it is a Core ML model already") in error_line(apple)
     assert llmctl("ls", "-q").stdout == ""  # nothing was pulled
 
 
@@ -652,6 +657,12 @@ def test_via_apple_says_how_to_install_it(llmctl: Runner, tiny_sd: Path) -> None
     line = error_line(result)
     assert "python_coreml_stable_diffusion" in line and "not on PyPI" in line
     assert "pip install git+https://github.com/apple/ml-stable-diffusion" in line
+    assert "set LLMCTL_APPLE_PYTHON to that venv's python" in line
+    # A Python of its own (Apple's pins exclude llmctl's dependencies) is asked instead.
+    other = llmctl("convert", str(tiny_sd), "--to", "coreml", "--via", "apple",
+                   env={"LLMCTL_APPLE_PYTHON": "/nonexistent/python"})
+    assert other.returncode == 1
+    assert "LLMCTL_APPLE_PYTHON=/nonexistent/python cannot import" in error_line(other)
 
 
 def test_the_apple_command_carries_the_same_options(tmp_path: Path) -> None:
@@ -659,6 +670,7 @@ def test_the_apple_command_carries_the_same_options(tmp_path: Path) -> None:
                             quantize_nbits=6, latent_h=96, latent_w=64, vae_encoder=True,
                             compute_unit="CPU_AND_NE", via_apple=True)
     command = apple_command(tmp_path / "sd", tmp_path / "out", options)
+    assert command[0] == sys.executable
     assert command[1:3] == ["-m", "python_coreml_stable_diffusion.torch2coreml"]
     text = " ".join(command)
     for part in ("--convert-text-encoder", "--convert-unet", "--convert-vae-decoder",
@@ -697,3 +709,23 @@ def test_options_choose_chunking_and_tags() -> None:
     assert six.suffix == "coreml-split_einsum_v2-6bit"
     with pytest.raises(UsageError):
         CoremlOptions(quantize_nbits=6).check()
+
+
+def test_memory_is_estimated_and_warned_about(tiny_sd: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from llmctl.convert.coreml_sd import MEMORY_BASE, _memory_warning, conversion_memory
+    from llmctl.store.models import _safetensors_tensors
+
+    pipeline = Pipeline(tiny_sd, "tiny-sd", None, tiny_sd / "tokenizer" / "vocab.json")
+    unet = sum(n for _, n in _safetensors_tensors(
+        tiny_sd / "unet" / "diffusion_pytorch_model.safetensors").values())
+    text = sum(n for _, n in _safetensors_tensors(
+        tiny_sd / "text_encoder" / "model.safetensors").values())
+    # The largest component's float32 weights, twice, on top of the libraries.
+    assert conversion_memory(pipeline) == MEMORY_BASE + 8 * max(unet, text)
+    monkeypatch.setenv("LLMCTL_MEMORY_LIMIT", "100G")
+    assert _memory_warning(pipeline) is None
+    monkeypatch.setenv("LLMCTL_MEMORY_LIMIT", "500M")
+    warning = _memory_warning(pipeline)
+    assert warning and "needs about 700 MB of memory at its peak" in warning
+    assert "the same command continues" in warning

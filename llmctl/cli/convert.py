@@ -157,8 +157,8 @@ def convert(
 def _to_coreml(model: str, options: CoremlOptions, name: str | None, force: bool,
                json: bool) -> None:
     from llmctl.cli.common import open_store
+    from llmctl.convert.coreml_sd import conversion_peak_memory_bytes
     from llmctl.convert.coreml_sd import convert as convert_to_coreml
-    from llmctl.convert.coreml_sd import peak_memory_bytes
 
     out = Output(json_mode=json)
     layout, catalog = open_store()
@@ -173,7 +173,7 @@ def _to_coreml(model: str, options: CoremlOptions, name: str | None, force: bool
     manifest = result.manifest
     out.info(f"{manifest.reference}: {format_bytes(manifest.size)}, converted from "
              f"{result.source} in {result.seconds:.0f}s (peak memory "
-             f"{format_bytes(peak_memory_bytes())})")
+             f"{format_bytes(conversion_peak_memory_bytes())})")
     if json:
         out.json_line(manifest.to_dict())
     else:

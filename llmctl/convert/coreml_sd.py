@@ -73,6 +73,7 @@ CHUNK_MIN_PSNR_DB = 35.0  # chunked vs whole UNet on macOS, as Apple's chunk che
 REPORT = "conversion.json"
 APPLE_MODULE = "python_coreml_stable_diffusion"
 APPLE_INSTALL = "pip install git+https://github.com/apple/ml-stable-diffusion"
+APPLE_PYTHON_ENV = "LLMCTL_APPLE_PYTHON"
 WORK_PREFIX = "coreml-"
 
 
@@ -282,6 +283,44 @@ def pipeline_files(pipeline: Pipeline, resources: Path) -> None:
     (resources / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{m}\n" for m in lines))
 
 
+# -- memory ------------------------------------------------------------------------------
+
+# Converting a component holds its float32 weights in torch, coremltools' copy of them in
+# its program and the float16 result: measured at 1.9x the float32 weights on top of what
+# torch, diffusers and coremltools take once imported (0.6 GB), for the 220M-parameter
+# UNet of benchmarks/convert_coreml.py (2.30 GB at the peak). The factor leans high.
+MEMORY_PER_FP32_BYTE = 2.0
+MEMORY_BASE = 700_000_000
+
+
+def conversion_memory(pipeline: Pipeline) -> int:
+    """The peak memory the conversion is expected to need: its largest component's."""
+    from llmctl.store.models import _safetensors_tensors
+
+    largest = 0
+    for component in ("unet", "text_encoder", "vae", "safety_checker"):
+        folder = pipeline.path / component
+        files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+        count = sum(n for f in files for _, n in _safetensors_tensors(f).values())
+        if not files and folder.is_dir():  # pickled weights: no header; assume float32
+            count = sum(p.stat().st_size for p in folder.glob("*.bin")) // 4
+        largest = max(largest, count)
+    return MEMORY_BASE + int(largest * 4 * MEMORY_PER_FP32_BYTE)
+
+
+def _memory_warning(pipeline: Pipeline) -> str | None:
+    from llmctl.memory import SHARE
+    from llmctl.resources import usable_memory_bytes
+
+    need, usable = conversion_memory(pipeline), usable_memory_bytes()
+    if not usable or need <= usable * SHARE:
+        return None
+    return (f"converting {pipeline.name} needs about {_size(need)} of memory at its peak "
+            f"(the UNet), more than the {SHARE:.0%} of {_size(usable)} llmctl plans for; it "
+            "may be killed for lack of memory: finished components are kept and the same "
+            "command continues from them")
+
+
 # -- the conversion ------------------------------------------------------------------------
 
 
@@ -297,7 +336,7 @@ def convert(text: str, layout: StoreLayout, catalog: Catalog, *,
     "-coreml-<attention>[-<n>bit][-chunked]")."""
     options.check()
     started = time.perf_counter()
-    _refuse_catalog_text_model(text, layout, catalog)
+    _refuse_before_pulling(text, layout, catalog)
     source = runnable(text, layout, catalog, on_event=on_event)
     pipeline = inspect_pipeline(source, options)
     # Named as `--to mlx` names its results: the source's name, its tag + the suffix.
@@ -324,6 +363,8 @@ def convert(text: str, layout: StoreLayout, catalog: Catalog, *,
         if force and work.exists():
             shutil.rmtree(work)
         job = _Job(pipeline, options, work, step)
+        if warning := _memory_warning(pipeline):
+            step(f"warning: {warning}")
         try:
             job.run()
         except BaseException:
@@ -352,18 +393,22 @@ def convert(text: str, layout: StoreLayout, catalog: Catalog, *,
                             job.compiled, job.resumed, job.notes, job.warnings, job.report)
 
 
-def _refuse_catalog_text_model(text: str, layout: StoreLayout, catalog: Catalog) -> None:
+def _refuse_before_pulling(text: str, layout: StoreLayout, catalog: Catalog) -> None:
     """A catalog model not stored yet would be pulled before inspect_pipeline refuses it:
-    say no first when the catalog already tells it is not an image model."""
+    say no first when the catalog already tells it is no diffusers pipeline."""
     ref = parse_reference(text)
     if not isinstance(ref, NameRef) or find_stored(layout, catalog, ref) is not None:
         return
     match = catalog.find(ref.name, ref.tag)
-    if match is not None and match.entry.kind != "image":
-        raise UsageError(f"{match.reference} is a {match.entry.kind} model "
-                         f"({match.entry.format}), not a diffusers Stable Diffusion pipeline",
-                         hint="--to coreml converts Stable Diffusion pipelines; text models "
-                         "convert --to mlx")
+    if match is None or match.entry.format in ("diffusers", ""):  # "": the files decide
+        return
+    entry = match.entry
+    hint = (f"it is a Core ML model already: llmctl imagine {match.reference} PROMPT"
+            if entry.format == "coreml" else "--to coreml converts Stable Diffusion "
+            "pipelines; text models convert --to mlx")
+    raise UsageError(f"{match.reference} is a{'n' if entry.kind == 'image' else ''} "
+                     f"{entry.kind} model ({entry.format}), not a diffusers Stable Diffusion "
+                     "pipeline", hint=hint)
 
 
 def _work_key(source: Runnable, options: CoremlOptions) -> str:
@@ -675,12 +720,19 @@ class _Job:
         return found[0]
 
 
+def apple_python() -> str:
+    """The Python that runs Apple's torch2coreml: LLMCTL_APPLE_PYTHON, else this one.
+    Apple's package pins old torch, diffusers, transformers, huggingface_hub and numpy,
+    which llmctl's own dependencies exclude, so it usually lives in a venv of its own."""
+    return os.environ.get(APPLE_PYTHON_ENV) or sys.executable
+
+
 def apple_command(source: Path, out: Path, options: CoremlOptions) -> list[str]:
-    """torch2coreml's command line for the same conversion. llmctl's resource folder,
-    tokenizer files, chunking and compiling are used afterwards (Apple's bundling step
-    downloads CLIP's tokenizer and leaves chunks unpalettized), so the UNet is converted
-    whole and palettized here only when it will not be chunked."""
-    command = [sys.executable, "-m", f"{APPLE_MODULE}.torch2coreml",
+    """torch2coreml's command line for the same conversion of each component. Chunking,
+    palettization (chunks included), the tokenizer files, compiling and the resource
+    folder are llmctl's, afterwards: Apple's bundling step downloads CLIP's tokenizer, and
+    its --chunk-unet with --quantize-nbits leaves the chunks unpalettized."""
+    command = [apple_python(), "-m", f"{APPLE_MODULE}.torch2coreml",
                "--model-version", str(source), "-o", str(out),
                "--convert-text-encoder", "--convert-unet", "--convert-vae-decoder",
                "--attention-implementation", options.attention.value,
@@ -698,12 +750,19 @@ def apple_command(source: Path, out: Path, options: CoremlOptions) -> list[str]:
 
 
 def _require_apple() -> None:
-    import importlib.util
-
-    if importlib.util.find_spec(APPLE_MODULE) is None:
-        raise EngineFailure(f"--via apple needs Apple's {APPLE_MODULE}, which is not "
-                            f"installed (it is not on PyPI); install it from its repository: "
-                            f"{APPLE_INSTALL}")
+    python = apple_python()
+    probe = ("import importlib.util, sys; "
+             f"sys.exit(importlib.util.find_spec('{APPLE_MODULE}') is None)")
+    try:
+        found = subprocess.run([python, "-c", probe], capture_output=True).returncode == 0
+    except OSError:
+        found = False
+    if not found:
+        where = f"{APPLE_PYTHON_ENV}={python}" if os.environ.get(APPLE_PYTHON_ENV) else python
+        raise EngineFailure(
+            f"--via apple needs Apple's {APPLE_MODULE}, which {where} cannot import (it is "
+            f"not on PyPI); install it from its repository into a venv of its own "
+            f"({APPLE_INSTALL}) and set {APPLE_PYTHON_ENV} to that venv's python")
 
 
 def _size(size: int) -> str:
@@ -768,8 +827,9 @@ def _child_main(argv: list[str]) -> int:
     return 0
 
 
-def peak_memory_bytes() -> int:
-    """The largest resident size of this process or of any child it waited for."""
+def conversion_peak_memory_bytes() -> int:
+    """The largest resident size of this process or of any child it waited for (the
+    components converted with --low-memory)."""
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB here
     return max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
                resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) * scale
