@@ -136,6 +136,26 @@ def convert_component(component: str, source: Path, geometry: Geometry,
     return report
 
 
+def weight_files(folder: Path) -> list[Path]:
+    """The weight files from_pretrained loads from a component's folder: the plain ones
+    (`model.safetensors`, `*.bin`), else a variant's (`*.fp16.safetensors`, what some
+    repositories publish alone); safetensors before pickles."""
+    for pattern in ("*.safetensors", "*.bin"):
+        files = sorted(folder.glob(pattern))
+        plain = [f for f in files if len(f.name.split(".")) == 2]
+        if plain or files:
+            return plain or files
+    return []
+
+
+def weights_variant(folder: Path) -> str | None:
+    """"fp16" (or another variant) when the folder holds only a variant's weights."""
+    files = weight_files(folder)
+    parts = files[0].name.split(".") if files else []
+    # model.fp16.safetensors, or shards: model.fp16-00001-of-00002.safetensors
+    return parts[-2].split("-")[0] if len(parts) > 2 else None
+
+
 def _folder(component: str) -> str:
     return {"vae_decoder": "vae", "vae_encoder": "vae"}.get(component, component)
 
@@ -148,7 +168,9 @@ def _text_encoder(source: Path, geometry: Geometry, settings: ExportSettings,
     import torch
     from transformers import CLIPTextModel
 
-    model = CLIPTextModel.from_pretrained(source / "text_encoder", dtype=torch.float32).eval()
+    model = CLIPTextModel.from_pretrained(source / "text_encoder", dtype=torch.float32,
+                                          variant=weights_variant(source / "text_encoder")
+                                          ).eval()
 
     class TextEncoder(torch.nn.Module):
         def __init__(self) -> None:
@@ -174,8 +196,9 @@ def _unet(source: Path, geometry: Geometry, settings: ExportSettings, status: St
     import torch
     from diffusers import UNet2DConditionModel
 
-    unet = UNet2DConditionModel.from_pretrained(source / "unet",
-                                                torch_dtype=torch.float32).eval()
+    unet = UNet2DConditionModel.from_pretrained(source / "unet", torch_dtype=torch.float32,
+                                                variant=weights_variant(source / "unet")
+                                                ).eval()
 
     class Unet(torch.nn.Module):
         """Apple's interface: the text embeddings arrive as (B, C, 1, S)."""
@@ -227,7 +250,8 @@ def _vae_part(source: Path, decoder: bool, sample: Any) -> Any:
     import torch
     from diffusers import AutoencoderKL
 
-    vae = AutoencoderKL.from_pretrained(source / "vae", torch_dtype=torch.float32).eval()
+    vae = AutoencoderKL.from_pretrained(source / "vae", torch_dtype=torch.float32,
+                                        variant=weights_variant(source / "vae")).eval()
     layers = ([vae.post_quant_conv, vae.decoder] if decoder
               else [vae.encoder, vae.quant_conv])
     # Some VAEs have no quant_conv/post_quant_conv (use_quant_conv=False): None here.
@@ -264,7 +288,8 @@ def _safety_checker(source: Path, geometry: Geometry, settings: ExportSettings,
     )
 
     checker = StableDiffusionSafetyChecker.from_pretrained(
-        source / "safety_checker", torch_dtype=torch.float32).eval()
+        source / "safety_checker", torch_dtype=torch.float32,
+        variant=weights_variant(source / "safety_checker")).eval()
 
     class SafetyChecker(torch.nn.Module):
         """diffusers' checker without its Python loop over images: every image's scores

@@ -295,15 +295,17 @@ MEMORY_BASE = 700_000_000
 
 def conversion_memory(pipeline: Pipeline) -> int:
     """The peak memory the conversion is expected to need: its largest component's."""
+    from llmctl.convert.coreml_export import weight_files
     from llmctl.store.models import _safetensors_tensors
 
     largest = 0
     for component in ("unet", "text_encoder", "vae", "safety_checker"):
-        folder = pipeline.path / component
-        files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
-        count = sum(n for f in files for _, n in _safetensors_tensors(f).values())
-        if not files and folder.is_dir():  # pickled weights: no header; assume float32
-            count = sum(p.stat().st_size for p in folder.glob("*.bin")) // 4
+        count = 0
+        for path in weight_files(pipeline.path / component):
+            if path.suffix == ".safetensors":
+                count += sum(n for _, n in _safetensors_tensors(path).values())
+            else:  # a pickle has no header to count from: assume float32
+                count += path.stat().st_size // 4
         largest = max(largest, count)
     return MEMORY_BASE + int(largest * 4 * MEMORY_PER_FP32_BYTE)
 
