@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llmctl.engines.base import default_context
 from llmctl.errors import InsufficientResources
 from llmctl.resources import MEMORY_LIMIT_ENV, usable_memory_bytes
 
@@ -38,7 +39,6 @@ KV_BYTES = 2  # f16, llama.cpp's default cache type and MLX's for fp16/bf16 mode
 LOGITS_BYTES = 4
 MICRO_BATCH = 512  # llama.cpp's default n_ubatch
 LLAMA_CELLS = 256  # llama.cpp rounds the context up to a multiple of this
-DEFAULT_CONTEXT = 4096  # as llmctl.engines.llama: the model's own context, at most this
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,7 @@ def estimate_memory(runnable: Any, context_length: int | None) -> MemoryEstimate
     else:
         folder = path if path.is_dir() else path.parent
         shape, weights, step = config_shape(folder / "config.json"), folder_weights(path), 1
-    cells = context_length or min(shape.trained_context or DEFAULT_CONTEXT, DEFAULT_CONTEXT)
+    cells = default_context(context_length, shape.trained_context)
     cells = -(-cells // step) * step
     return MemoryEstimate(
         weights=weights,

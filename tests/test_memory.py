@@ -11,7 +11,7 @@ import pytest
 from conftest import PARIS, Runner, error_line
 
 from llmctl import memory
-from llmctl.engines import llama
+from llmctl.engines.base import default_context
 from llmctl.errors import InsufficientResources
 from llmctl.store.gguf_header import read_header
 
@@ -32,7 +32,7 @@ def test_estimate_of_smollm2_from_its_gguf_header(smollm2_gguf: Path) -> None:
             metadata["llama.context_length"]) == (30, 9, 3, 576, 8192)
     estimate = memory.estimate_memory(target, None)
     assert estimate.context_length == 4096  # the model's 8192, capped like the engine:
-    assert memory.DEFAULT_CONTEXT == llama.DEFAULT_CONTEXT
+    assert estimate.context_length == default_context(None, 8192)  # the engines' rule
     # 30 layers × 4096 tokens × 3 KV heads × (64 + 64) head dims × 2 bytes: llama.cpp
     # reports exactly this ("KV buffer size = 90.00 MiB").
     assert estimate.kv_cache == 30 * 4096 * 3 * (64 + 64) * 2 == 90 * MIB

@@ -20,6 +20,16 @@ class Message:
     content: str
 
 
+# Context used when none is asked for: the model's own, at most this many tokens (more
+# costs memory few prompts need). The engines and the memory estimate share it.
+DEFAULT_CONTEXT = 4096
+
+
+def default_context(requested: int | None, trained: int | None) -> int:
+    """The context length an engine opens a model with."""
+    return requested or min(trained or DEFAULT_CONTEXT, DEFAULT_CONTEXT)
+
+
 @dataclass(frozen=True)
 class LoadOptions:
     context_length: int | None = None  # None: the engine's default for the model

@@ -29,11 +29,11 @@ from llmctl.engines.base import (
     Message,
     Stats,
     Token,
+    default_context,
 )
 from llmctl.errors import EngineFailure, EngineUnavailable, UsageError
 from llmctl.resources import peak_memory_bytes, usable_cpu_count
 
-DEFAULT_CONTEXT = 4096
 MAX_BATCH = 2048
 PIECE_BUFFER = 256
 
@@ -85,7 +85,7 @@ class LlamaEngine:
         if not self.model:
             raise EngineFailure(f"llama.cpp could not load {path}{_llama_said()}")
         trained = lib.llama_model_n_ctx_train(self.model)
-        n_ctx = options.context_length or min(trained, DEFAULT_CONTEXT) or DEFAULT_CONTEXT
+        n_ctx = default_context(options.context_length, trained)
         threads = options.threads or usable_cpu_count()
         ctx_params = lib.llama_context_default_params()
         ctx_params.n_ctx = n_ctx

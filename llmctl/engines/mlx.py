@@ -32,11 +32,10 @@ from llmctl.engines.base import (
     Message,
     Stats,
     Token,
+    default_context,
 )
 from llmctl.errors import EngineFailure, EngineUnavailable, UsageError
 from llmctl.resources import peak_memory_bytes
-
-DEFAULT_CONTEXT = 4096
 
 
 @lru_cache(maxsize=1)
@@ -76,7 +75,7 @@ class MlxEngine:
             self._upcast_half_precision()
         self._wired_limit = self._wire_weights()
         trained = _trained_context(config)
-        self.n_ctx = options.context_length or min(trained or DEFAULT_CONTEXT, DEFAULT_CONTEXT)
+        self.n_ctx = default_context(options.context_length, trained)
         self.eos_ids = set(self.tokenizer.eos_token_ids)
         self._warm_up()
         self.load_seconds = time.perf_counter() - started
