@@ -18,12 +18,12 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
-import random
 import shutil
-import statistics
 import subprocess
 import sys
 from pathlib import Path
+
+from repetitions import ratio_rows, run_shuffled
 
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
@@ -126,31 +126,8 @@ def main() -> None:
     tools = {"llama-bench": lambda: llama_bench(binary, model, args.threads),
              "llmctl run": lambda: llmctl(model, args.threads, prompt),
              "llama-cpp-python high-level": lambda: high_level(model, args.threads, prompt)}
-    samples: dict[str, dict[str, list[float]]] = {t: {"pp": [], "tg": []} for t in tools}
-    order = list(tools)
-    shuffle = random.Random(0).shuffle
-    for rep in range(args.reps):
-        shuffle(order)
-        for name in order:
-            result = tools[name]()
-            for key in ("pp", "tg"):
-                samples[name][key].append(result[key])
-        print(f"repetition {rep + 1}/{args.reps} done", file=sys.stderr)
-
-    # Best of the repetitions leads, as timeit advises: noise on a shared VM only ever slows
-    # a run down, so the fastest run is the best estimate of what the code costs. Medians
-    # are given too.
-    best = {k: max(samples["llama-bench"][k]) for k in ("pp", "tg")}
-    middle = {k: statistics.median(samples["llama-bench"][k]) for k in ("pp", "tg")}
-    rows = []
-    for name, values in samples.items():
-        row: dict[str, object] = {"tool": name}
-        for key in ("pp", "tg"):
-            row[key] = round(max(values[key]), 1)
-            row[f"{key}_ratio"] = round(max(values[key]) / best[key], 3)
-            row[f"{key}_median"] = round(statistics.median(values[key]), 1)
-            row[f"{key}_median_ratio"] = round(statistics.median(values[key]) / middle[key], 3)
-        rows.append(row)
+    samples = run_shuffled(tools, args.reps)
+    rows = ratio_rows(samples, "llama-bench", 1)
     if args.json:
         print(json.dumps({"model": str(model), "threads": args.threads, "reps": args.reps,
                           "rows": rows}, indent=2))

@@ -26,13 +26,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from repetitions import ratio_rows, run_shuffled
 
 BIN = Path(sys.executable).parent
 CACHE_HOME = Path(tempfile.gettempdir()) / "llmctl-bench-mlx"
@@ -134,16 +134,7 @@ def main() -> None:
             mlx_lm_run(engine.model, engine.tokenizer, prompt, 1)[0],
             mlx_lm_run(engine.model, engine.tokenizer, story, args.tg)[1]), strict=True)),
     }
-    samples: dict[str, dict[str, list[float]]] = {t: {"pp": [], "tg": []} for t in tools}
-    order = list(tools)
-    shuffle = random.Random(0).shuffle
-    for rep in range(args.reps):
-        shuffle(order)
-        for name in order:
-            result = tools[name]()
-            for key in ("pp", "tg"):
-                samples[name][key].append(result[key])
-        print(f"repetition {rep + 1}/{args.reps} done", file=sys.stderr)
+    samples = run_shuffled(tools, args.reps)
 
     plain = None
     if args.plain:
@@ -157,17 +148,7 @@ def main() -> None:
                  "tg": round(tg, 2), "pp_tokens": len(short), "tg_tokens": 4}
 
     baseline = "mlx-lm stream_generate"
-    best = {k: max(samples[baseline][k]) for k in ("pp", "tg")}
-    middle = {k: statistics.median(samples[baseline][k]) for k in ("pp", "tg")}
-    rows = []
-    for name, values in samples.items():
-        row: dict[str, object] = {"tool": name}
-        for key in ("pp", "tg"):
-            row[key] = round(max(values[key]), 2)
-            row[f"{key}_ratio"] = round(max(values[key]) / best[key], 3)
-            row[f"{key}_median"] = round(statistics.median(values[key]), 2)
-            row[f"{key}_median_ratio"] = round(statistics.median(values[key]) / middle[key], 3)
-        rows.append(row)
+    rows = ratio_rows(samples, baseline, 2)
     import mlx.core as mx
 
     device = str(mx.default_device())
