@@ -714,12 +714,12 @@ def test_options_choose_chunking_and_tags() -> None:
 def test_memory_is_estimated_and_warned_about(tiny_sd: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     from llmctl.convert.coreml_sd import MEMORY_BASE, _memory_warning, conversion_memory
-    from llmctl.store.models import _safetensors_tensors
+    from llmctl.store.models import safetensors_tensors
 
     pipeline = Pipeline(tiny_sd, "tiny-sd", None, tiny_sd / "tokenizer" / "vocab.json")
-    unet = sum(n for _, n in _safetensors_tensors(
+    unet = sum(n for _, n in safetensors_tensors(
         tiny_sd / "unet" / "diffusion_pytorch_model.safetensors").values())
-    text = sum(n for _, n in _safetensors_tensors(
+    text = sum(n for _, n in safetensors_tensors(
         tiny_sd / "text_encoder" / "model.safetensors").values())
     # The largest component's float32 weights, twice, on top of the libraries.
     assert conversion_memory(pipeline) == MEMORY_BASE + 8 * max(unet, text)

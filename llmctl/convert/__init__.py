@@ -15,10 +15,28 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from llmctl.store.layout import StoreLayout
 
+if TYPE_CHECKING:
+    from llmctl.store.pull import Runnable
+
 PREFIX = "convert-"
+
+
+def result_name(source: Runnable, suffix: str, name: str | None) -> tuple[str, str]:
+    """(name, tag) a conversion's result is stored under: `--name` when given, else the
+    source's name with its tag + `suffix` (smollm2:135m -> smollm2:135m-mlx-q4; a model
+    run from a path: its name, `suffix` as the tag)."""
+    from llmctl.store.names import DEFAULT_TAG, sanitize_name
+    from llmctl.store.pull import resolve_name
+
+    if source.manifest is None:
+        return resolve_name(name, sanitize_name(source.name), suffix)
+    tag = source.manifest.tag
+    return resolve_name(name, source.manifest.name,
+                        suffix if tag == DEFAULT_TAG else f"{tag}-{suffix}")
 
 
 @contextlib.contextmanager

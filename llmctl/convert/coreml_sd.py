@@ -46,8 +46,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llmctl.convert import result_name
 from llmctl.convert.attention import MIN_PSNR_DB, QUERY_CHUNK_SIZE, AttentionImplementation
-from llmctl.convert.mlx import _target as target_reference
 from llmctl.errors import EngineFailure, LlmctlError, UsageError, VerificationFailed
 from llmctl.store import manifest as manifests
 from llmctl.store.catalog import Catalog
@@ -296,14 +296,14 @@ MEMORY_BASE = 700_000_000
 def conversion_memory(pipeline: Pipeline) -> int:
     """The peak memory the conversion is expected to need: its largest component's."""
     from llmctl.convert.coreml_export import weight_files
-    from llmctl.store.models import _safetensors_tensors
+    from llmctl.store.models import safetensors_tensors
 
     largest = 0
     for component in ("unet", "text_encoder", "vae", "safety_checker"):
         count = 0
         for path in weight_files(pipeline.path / component):
             if path.suffix == ".safetensors":
-                count += sum(n for _, n in _safetensors_tensors(path).values())
+                count += sum(n for _, n in safetensors_tensors(path).values())
             else:  # a pickle has no header to count from: assume float32
                 count += path.stat().st_size // 4
         largest = max(largest, count)
@@ -342,7 +342,7 @@ def convert(text: str, layout: StoreLayout, catalog: Catalog, *,
     source = runnable(text, layout, catalog, on_event=on_event)
     pipeline = inspect_pipeline(source, options)
     # Named as `--to mlx` names its results: the source's name, its tag + the suffix.
-    target_name, tag = target_reference(source, options, name)
+    target_name, tag = result_name(source, options.suffix, name)
     reference = f"{target_name}:{tag}"
     if not force and manifests.load(layout, target_name, tag) is not None:
         raise UsageError(f"{reference} is already stored",

@@ -22,12 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llmctl.convert import result_name, work_folder
 from llmctl.errors import EngineFailure, EngineUnavailable, UsageError
 from llmctl.store import manifest as manifests
 from llmctl.store.catalog import Catalog
 from llmctl.store.layout import StoreLayout
 from llmctl.store.manifest import Manifest
-from llmctl.store.names import DEFAULT_TAG, NameRef, parse_reference, sanitize_name
 from llmctl.store.pull import OnEvent, PullEvent, Runnable, register, runnable
 from llmctl.store.sources import LocalFiles, ModelFormat
 
@@ -88,7 +88,7 @@ def convert(text: str, layout: StoreLayout, catalog: Catalog, *,
     started = time.perf_counter()
     source = runnable(text, layout, catalog, on_event=on_event)
     _check_source(source, options)
-    target_name, tag = _target(source, options, name)
+    target_name, tag = result_name(source, options.suffix, name)
     reference = f"{target_name}:{tag}"
     if not force and manifests.load(layout, target_name, tag) is not None:
         raise UsageError(f"{reference} is already stored",
@@ -96,8 +96,6 @@ def convert(text: str, layout: StoreLayout, catalog: Catalog, *,
 
     def step(status: str, done: int = 0, total: int = 0) -> None:
         on_event(PullEvent(reference, status, done, total))
-
-    from llmctl.convert import work_folder
 
     group_size = options.group_size or (
         GGUF_GROUP_SIZE if source.format == "gguf" else DEFAULT_GROUP_SIZE)
@@ -157,19 +155,6 @@ def _check_source(source: Runnable, options: MlxOptions) -> None:
         if source.format == "mlx" and not options.quantize:
             raise UsageError(f"{source.name} is already an MLX model",
                              hint="add -q to quantize it")
-
-
-def _target(source: Runnable, options: MlxOptions, name: str | None) -> tuple[str, str]:
-    if name:
-        ref = parse_reference(name)
-        if not isinstance(ref, NameRef):
-            raise UsageError(f"--name '{name}' is not a model name", hint="use NAME[:TAG]")
-        return ref.name, ref.tag or DEFAULT_TAG
-    if source.manifest is None:  # a path: its name, the conversion as the tag
-        return sanitize_name(source.name), options.suffix
-    tag = source.manifest.tag
-    return source.manifest.name, (options.suffix if tag == DEFAULT_TAG
-                                  else f"{tag}-{options.suffix}")
 
 
 def dequantize_gguf(source: Runnable, work: Path,

@@ -217,7 +217,7 @@ def _folder_details(folder: Path) -> tuple[dict[str, Any], dict[str, Any], dict[
     parameters = 0
     tensor_types: dict[str, int] = {}
     for path in sorted(folder.rglob("*.safetensors")):
-        for name, (dtype, count) in _safetensors_tensors(path).items():
+        for name, (dtype, count) in safetensors_tensors(path).items():
             if name.endswith((".scales", ".biases")) and bits:
                 continue  # MLX quantization's per-group scales and offsets, not parameters
             # MLX packs quantized weights `bits` at a time into uint32 words.
@@ -255,7 +255,7 @@ def _chat_template(folder: Path) -> str | None:
     return template if isinstance(template, str) else None
 
 
-def _safetensors_tensors(path: Path) -> dict[str, tuple[str, int]]:
+def safetensors_tensors(path: Path) -> dict[str, tuple[str, int]]:
     """name -> (dtype, element count) from a .safetensors header: 8 bytes of length, then
     that much JSON."""
     import json

@@ -91,8 +91,10 @@ def _quiet(_event: PullEvent) -> None:
     pass
 
 
-def _split_target(name: str | None, default_name: str, default_tag: str = DEFAULT_TAG
-                  ) -> tuple[str, str]:
+def resolve_name(name: str | None, default_name: str, default_tag: str = DEFAULT_TAG
+                 ) -> tuple[str, str]:
+    """(name, tag) a new model is stored under: `--name NAME[:TAG]` when given, else the
+    defaults the source or conversion derives."""
     if not name:
         return default_name, default_tag
     ref = parse_reference(name)
@@ -248,17 +250,17 @@ def pull(
     ref = parse_reference(text)
     if isinstance(ref, PathRef):
         files = local.locate(ref.path)
-        target_name, tag = _split_target(name, sanitize_name(local.model_name(files)))
+        target_name, tag = resolve_name(name, sanitize_name(local.model_name(files)))
         return register(layout, files, name=target_name, tag=tag, expected_sha256=None,
                          on_event=on_event)
     if isinstance(ref, HubRef):
         from llmctl.store.sources import hf
 
-        target_name, tag = _split_target(name, *hf.model_name(ref))
+        target_name, tag = resolve_name(name, *hf.model_name(ref))
     elif isinstance(ref, UrlRef):
         from llmctl.store.sources import url
 
-        target_name, tag = _split_target(name, url.model_name(ref))
+        target_name, tag = resolve_name(name, url.model_name(ref))
     else:
         if name:
             raise UsageError("--name applies only to pulls from a path, hf:// or a URL")
