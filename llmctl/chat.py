@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import json
 import secrets
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from llmctl.engines.base import Done, Event, GenerationOptions, Message, TextEngine, Token
-from llmctl.errors import AmbiguousReference, UsageError
-from llmctl.store.layout import write_atomically
+from llmctl.errors import AmbiguousReference, InvalidName, StoreWarning, UsageError
+from llmctl.store.layout import path_part, write_atomically
 
 SCHEMA_VERSION = 1
 BLOCK = '"""'  # starts and ends a multi-line message, as in Ollama
@@ -74,14 +75,32 @@ class Conversation:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Conversation:
-        messages = [Message(m["role"], m["content"]) for m in data.get("messages", [])
+        """A conversation from its JSON, checked (ValueError): the file may come from
+        anywhere (`/load FILE`), and its ID becomes a file name under the store."""
+        raw = data.get("messages", [])
+        if not isinstance(raw, list) or not all(
+                isinstance(m, dict) and isinstance(m.get("content"), str) for m in raw):
+            raise ValueError("'messages' must be a list of {role, content} objects")
+        messages = [Message(m["role"], m["content"]) for m in raw
                     if m.get("role") in ("user", "assistant")]
         system = data.get("system")
         # Files in the common [{"role": "system"}, ...] form keep their system prompt too.
-        system = system or next((m["content"] for m in data.get("messages", [])
-                                 if m.get("role") == "system"), None)
-        return cls(model=data.get("model", ""), system=system, messages=messages,
-                   id=data.get("id") or new_id(), created=data.get("created") or _now(),
+        system = system or next((m["content"] for m in raw if m.get("role") == "system"),
+                                None)
+        strings = {key: data.get(key) for key in ("model", "created", "updated", "id")}
+        if system is not None and not isinstance(system, str) or not all(
+                v is None or isinstance(v, str) for v in strings.values()):
+            raise ValueError("'model', 'system', 'id', 'created' and 'updated' must be text")
+        identifier = data.get("id")
+        try:
+            path_part(identifier, "conversation ID")
+        except InvalidName:
+            # A file's "id" is only a label: the store names a conversation by its file
+            # ("../../x" once made chat write outside the store), /load continues a file
+            # under the session's ID. A missing or unusable one gets a fresh ID.
+            identifier = new_id()
+        return cls(model=data.get("model") or "", system=system, messages=messages,
+                   id=identifier, created=data.get("created") or _now(),
                    updated=data.get("updated") or _now())
 
 
@@ -98,40 +117,50 @@ def read_conversation(path: Path) -> Conversation:
         return Conversation.from_dict(data)
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise UsageError(f"{path} is not a saved conversation ({exc})") from None
+    except (IsADirectoryError, PermissionError) as exc:
+        raise UsageError(f"{path} cannot be read ({exc.strerror})") from None
 
 
 class ConversationStore:
-    """The conversations under the store, by ID (a unique prefix of one will do)."""
+    """The conversations under the store, by ID (a unique prefix of one will do). A
+    stored conversation's ID is its file's name, whatever the file says."""
 
     def __init__(self, root: Path):
         self.folder = root / "conversations"
 
     def path(self, conversation_id: str) -> Path:
-        return self.folder / f"{conversation_id}.json"
+        return self.folder / f"{path_part(conversation_id, 'conversation ID')}.json"
 
     def save(self, conversation: Conversation) -> Path:
         path = self.path(conversation.id)
         write_conversation(conversation, path)
         return path
 
+    def _read(self, path: Path) -> Conversation:
+        conversation = read_conversation(path)
+        conversation.id = path_part(path.stem, "conversation ID")
+        return conversation
+
     def find(self, text: str) -> Conversation:
-        if self.path(text).is_file():
-            return read_conversation(self.path(text))
-        matches = sorted(p.stem for p in self.folder.glob(f"{text}*.json")) if text else []
+        path = self.path(text)  # an ID or a prefix is a name, never a path or a pattern
+        if path.is_file():
+            return self._read(path)
+        matches = sorted(p.stem for p in self.folder.glob(f"{text}*.json"))
         if len(matches) > 1:
             raise AmbiguousReference(text, matches)
         if not matches:
             raise UsageError(f"no conversation '{text}'", hint="list them: llmctl chat --list")
-        return read_conversation(self.path(matches[0]))
+        return self._read(self.path(matches[0]))
 
     def list(self) -> list[Conversation]:
-        """Newest first; unreadable files are skipped."""
+        """Newest first; unreadable files are skipped (with a warning naming them)."""
         found = []
         for path in self.folder.glob("*.json"):
             try:
-                found.append(read_conversation(path))
-            except UsageError:
-                continue
+                found.append(self._read(path))
+            except UsageError as exc:
+                warnings.warn(StoreWarning(f"{exc}; skipped (delete it or fix it)"),
+                              stacklevel=2)
         return sorted(found, key=lambda c: c.updated, reverse=True)
 
 

@@ -18,6 +18,17 @@ class UsageError(LlmctlError):
         self.hint = hint
 
 
+class InvalidName(UsageError, ValueError):
+    """An ID, digest or file name that cannot become a path in the store (it would lead
+    outside it, or is not a name at all). A ValueError too: read from data (a manifest, a
+    conversation file) it makes the data unreadable."""
+
+
+class StoreWarning(UserWarning):
+    """Something in the store or the catalog is unreadable and was skipped (a truncated
+    manifest, a bad catalog entry): issued with `warnings.warn`, shown once by the CLI."""
+
+
 class ModelNotFound(LlmctlError):
     def __init__(self, reference: str, suggestions: list[str] | None = None,
                  in_catalog: bool = False):

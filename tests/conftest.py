@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -15,6 +16,13 @@ import pytest
 
 BIN = Path(sys.executable).parent
 PARIS = "What is the capital of France? Answer in one sentence."
+
+# A shell starts a background job (`sh scripts/test.sh &`) with SIGINT ignored, and an
+# ignored signal stays ignored across exec: every `llmctl` the tests interrupt with Ctrl-C
+# would ignore it too. A Python handler, unlike SIG_IGN, is reset to the default in a child.
+signal.signal(signal.SIGINT, signal.default_int_handler)
+
+pytest_plugins = ["hostile"]  # the sandbox fixture of the hostile-input tests
 
 
 @pytest.fixture(autouse=True)

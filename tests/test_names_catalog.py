@@ -121,8 +121,12 @@ description = "mine"
     assert catalog.find("smollm2", "135m").entry.description == "mine"
 
 
-def test_a_broken_catalog_file_is_a_usage_error(tmp_path: Path) -> None:
+def test_a_broken_catalog_file_is_skipped_with_a_warning(tmp_path: Path) -> None:
+    """One unreadable file must not take the shipped catalog down with it (issue 10)."""
+    from llmctl.errors import StoreWarning
+
     (tmp_path / "catalog").mkdir()
     (tmp_path / "catalog" / "bad.toml").write_text("[[model]]\nname = \n")
-    with pytest.raises(UsageError, match="not valid TOML"):
-        _ = Catalog.default(tmp_path).entries
+    with pytest.warns(StoreWarning, match="bad.toml is not valid TOML"):
+        entries = Catalog.default(tmp_path).entries
+    assert any(e.reference == "smollm2:135m" for e in entries)

@@ -187,6 +187,11 @@ class FakeDistribution:
     def locate_file(self, path: str) -> Path:
         return self.root / path
 
+    @property
+    def files(self) -> list[str]:  # what the package installed, as the RECORD lists it
+        return [p.relative_to(self.root).as_posix() for p in self.root.rglob("*")
+                if p.is_file()]
+
 
 def test_bundled_parts_are_found_through_package_metadata(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -116,7 +116,34 @@ def _options(
     """Run AI models on your own machine: pull, ls, rm, show, run, import, catalog."""
 
 
+def _show_store_warnings() -> None:
+    """The library reports what it skipped (an unreadable manifest, a bad catalog entry)
+    with `warnings.warn(StoreWarning(...))`; here each is shown once, as llmctl's own
+    warning line on stderr. Other warnings keep Python's handling."""
+    import warnings
+
+    from llmctl.errors import StoreWarning
+
+    shown: set[str] = set()
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001
+        if not issubclass(category, StoreWarning):
+            return default(message, category, filename, lineno, file, line)
+        text = str(message)
+        if text not in shown:
+            from llmctl.cli.output import Output
+
+            shown.add(text)
+            Output().warn(text)
+        return None
+
+    warnings.showwarning = show
+    warnings.simplefilter("always", StoreWarning)
+
+
 def main() -> None:
+    _show_store_warnings()
     try:
         # standalone_mode=False: errors come back here, to be told in one line. A fixed
         # prog_name keeps `python -m llmctl` and `llmctl` alike, completion variable included.

@@ -60,7 +60,8 @@ def _engine(e: errors.EngineUnavailable) -> str:
 
 
 def _os_error(e: OSError) -> str:
-    where = f" ({e.filename})" if e.filename else ""
+    name = str(e.filename) if e.filename else ""
+    where = f" ({name if len(name) <= 120 else name[:117] + '...'})" if name else ""
     return f"{e.strerror or e}{where}"
 
 
@@ -78,10 +79,31 @@ TABLE: list[tuple[type[BaseException], int, Callable[[Any], str]]] = [
 ]
 
 
+# What the file system refuses, by errno: (exit code, what to do next). Where the store is
+# the culprit, the hint names LLMCTL_HOME.
+OS_ERRORS: dict[int, tuple[int, str]] = {
+    errno.ENOSPC: (RESOURCES, "free some space and retry"),
+    errno.EDQUOT: (RESOURCES, "free some space and retry"),
+    errno.EROFS: (FAILURE, "the file system is read-only; point LLMCTL_HOME at a writable "
+                           "folder"),
+    errno.EACCES: (FAILURE, "check the permissions, or point LLMCTL_HOME at a folder of "
+                            "yours"),
+    errno.EPERM: (FAILURE, "check the permissions, or point LLMCTL_HOME at a folder of yours"),
+    errno.ENOTDIR: (USAGE, "a file stands where a folder is needed; check LLMCTL_HOME and "
+                           "the paths given"),
+    errno.ENAMETOOLONG: (USAGE, "use a shorter name or path"),
+    errno.ELOOP: (USAGE, "a path leads through a loop of symbolic links"),
+}
+
+
 def describe(exc: BaseException) -> tuple[int, str] | None:
     """(exit code, one-line message) for a known exception, None for a bug."""
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return RESOURCES, f"not enough disk space: {_os_error(exc)}; free some space and retry"
+    if isinstance(exc, OSError) and exc.errno in OS_ERRORS:
+        code, hint = OS_ERRORS[exc.errno]
+        prefix = {errno.ENOSPC: "not enough disk space: ", errno.EDQUOT: "not enough disk "
+                  "space: ", errno.EACCES: "permission denied: ",
+                  errno.EPERM: "permission denied: "}.get(exc.errno, "")
+        return code, f"{prefix}{_os_error(exc)}; {hint}"
     if isinstance(exc, PermissionError):
         return FAILURE, f"permission denied: {_os_error(exc)}"
     for kind, code, message in TABLE:

@@ -16,8 +16,13 @@ def _rate(text: str) -> int:
     number, unit = text.strip().upper().removesuffix("B"), ""
     if number and number[-1] in "KMG":
         number, unit = number[:-1], number[-1]
+    import math
+
     try:
-        value = int(float(number) * units[unit])
+        amount = float(number) * units[unit]
+        if not math.isfinite(amount):  # "inf", "nan": no speed at all
+            raise ValueError(text)
+        value = int(amount)
     except ValueError:
         raise typer.BadParameter(f"'{text}' is not a speed; use e.g. 500K, 10M, 1G") from None
     if value <= 0:

@@ -23,6 +23,9 @@ def rm(
     image: Annotated[bool, typer.Option(
         "--image", help="Delete gallery images by ID, with their sidecars and previews "
                         "(see: llmctl ls --images).")] = False,
+    broken: Annotated[bool, typer.Option(
+        "--broken", help="Delete unreadable manifests (the ones llmctl warns about) and "
+                         "stored files no model uses.")] = False,
 ) -> None:
     """Remove models from the store.
 
@@ -36,6 +39,7 @@ def rm(
         llmctl rm -y smollm2:135m gemma3:270m
         llmctl rm --partial -y
         llmctl rm --image -y 3f2a9c1e
+        llmctl rm --broken --dry-run
     """
 
     from llmctl.cli.common import open_store
@@ -46,6 +50,11 @@ def rm(
         return
     if image:
         _rm_images(out, models or [], yes=yes, dry_run=dry_run)
+        return
+    if broken:
+        if models:
+            raise typer.BadParameter("--broken takes no MODEL", param_hint="MODEL")
+        _rm_broken(out, yes=yes, dry_run=dry_run)
         return
     if not models:
         raise typer.BadParameter("name at least one MODEL", param_hint="MODEL")
@@ -134,3 +143,25 @@ def _rm_images(out: Output, ids: list[str], *, yes: bool, dry_run: bool) -> None
     for found in chosen:
         out.line(found.id)
     out.info(f"deleted {len(chosen)} image(s)")
+
+
+def _rm_broken(out: Output, *, yes: bool, dry_run: bool) -> None:
+    from llmctl.store.layout import StoreLayout
+    from llmctl.store.models import clean_up, plan_cleanup
+
+    layout = StoreLayout.default()
+    plan = plan_cleanup(layout)
+    what = (f"{len(plan.broken)} unreadable manifest(s) and {len(plan.blobs)} unused "
+            f"file(s), {format_bytes(plan.reclaimable)}")
+    if dry_run or not (plan.broken or plan.blobs):
+        for broken in plan.broken:
+            out.line(str(broken.path))
+        out.info(f"would delete {what}" if dry_run else "nothing to delete")
+        return
+    if not yes and not _confirmed(out, f"Delete {what}?"):
+        return
+    done = clean_up(layout)
+    for broken in done.broken:
+        out.line(str(broken.path))
+    out.info(f"deleted {len(done.broken)} unreadable manifest(s) and {len(done.blobs)} "
+             f"unused file(s), freed {format_bytes(done.reclaimable)}")

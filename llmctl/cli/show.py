@@ -17,6 +17,9 @@ def show(
                                            )] = False,
     metadata: Annotated[bool, typer.Option("--metadata", help="Print every GGUF metadata key."
                                            )] = False,
+    verify: Annotated[bool, typer.Option(
+        "--verify", help="Hash the model's files now and check them against their sha256 "
+                         "(exit 4 if one differs).")] = False,
 ) -> None:
     """Show a stored model: its files, source and the metadata in its GGUF header.
 
@@ -26,12 +29,19 @@ def show(
         llmctl show smollm2
         llmctl show smollm2 --json | jq .summary.context_length
         llmctl show smollm2 --template
+        llmctl show smollm2 --verify
     """
     from llmctl.cli.common import open_store
-    from llmctl.store.models import describe
+    from llmctl.store.models import describe, verify_files
+    from llmctl.store.names import resolve_stored
 
     out = Output(json_mode=json)
     layout, catalog = open_store()
+    if verify:
+        stored = resolve_stored(layout, catalog, model)
+        with out.progress() as report:
+            verify_files(layout, stored, on_progress=lambda name, done, total: report(
+                stored.reference, f"verifying {name}", done, total))
     details = describe(layout, catalog, model)
     manifest = details.manifest
     if template:
@@ -42,8 +52,9 @@ def show(
         out.line(chat_template)
         return
     if json:
-        out.json(dict(manifest.to_dict(), path=str(details.path), summary=details.summary,
-                      gguf=details.metadata, tensor_types=details.tensor_types))
+        out.json(dict(manifest.to_dict(), path=str(details.path), verified=details.verified,
+                      summary=details.summary, gguf=details.metadata,
+                      tensor_types=details.tensor_types))
         return
     s = details.summary
     sections = {
@@ -63,6 +74,8 @@ def show(
             ("engine", manifest.engine),
             ("format", manifest.format),
             ("size", format_bytes(manifest.size)),
+            ("verified", "yes (every file's sha256 checked by llmctl)" if details.verified
+             else f"no; check it: llmctl show {manifest.reference} --verify"),
             ("created", manifest.created),
             ("source", ", ".join(f"{k}={v}" for k, v in manifest.source.items())),
             *[(f.name, f"{f.digest} ({format_bytes(f.size)})") for f in manifest.files],

@@ -43,6 +43,15 @@ def sha256_file(path: Path, on_progress: ProgressCallback | None = None) -> str:
 
 
 class BlobStore:
+    """The blobs, and which of them llmctl has read back and found to hold their digest.
+
+    A blob may be reused by a later model with the same digest. Its name alone proves
+    nothing (issue 10: an Ollama store crafted with a blob named after SmolLM2's sha256 but
+    holding other bytes poisoned every later pull of SmolLM2), so a blob is reused only once
+    its content was checked, and that check is remembered: an empty marker file
+    `verified/sha256-<hex>`, written after the check and deleted with the blob.
+    """
+
     def __init__(self, layout: StoreLayout):
         self.layout = layout
 
@@ -52,13 +61,54 @@ class BlobStore:
     def has(self, digest: str) -> bool:
         return self.path(digest).exists()
 
+    # -- verification ----------------------------------------------------------------------
+
+    def _marker(self, digest: str) -> Path:
+        return self.layout.verified / self.path(digest).name
+
+    def is_verified(self, digest: str) -> bool:
+        return self._marker(digest).exists()
+
+    def mark_verified(self, digest: str) -> None:
+        marker = self._marker(digest)
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+
+    def verify(self, digest: str, on_progress: ProgressCallback | None = None) -> bool:
+        """Hash the stored blob; True (and remembered) when it holds `digest`."""
+        try:
+            good = sha256_file(self.path(digest), on_progress) == digest
+        except FileNotFoundError:
+            return False
+        if good:
+            self.mark_verified(digest)
+        else:
+            self._marker(digest).unlink(missing_ok=True)
+        return good
+
+    def _reusable(self, target: Path, source: Path | None, digest: str) -> bool:
+        """Whether the blob already stored under `digest` may stand for a file that was
+        just hashed to it (`source`): the same file, or a blob checked now or before."""
+        if source is not None:
+            with contextlib.suppress(OSError):
+                if target.samefile(source):
+                    self.mark_verified(digest)
+                    return True
+        if self.is_verified(digest):
+            return True
+        return self.verify(digest)
+
+    # -- adding ----------------------------------------------------------------------------
+
     def link(self, source: Path, digest: str) -> str:
         """Put `source` (already hashed to `digest`) in the store without copying it: a hard
-        link where the filesystem allows, else a symbolic link. Returns how it was stored.
-        Call under the store lock, together with saving the manifest that names it."""
+        link where the filesystem allows, else a symbolic link. Returns how it was stored
+        ("existing" when a sound blob of that digest was there). A blob of that name whose
+        content is not `digest` is replaced. Call under the store lock, together with
+        saving the manifest that names it."""
         self.layout.ensure()
         target = self.path(digest)
-        if target.exists():
+        if target.exists() and self._reusable(target, source, digest):
             return "existing"
         tmp = self._tmp_name()
         try:
@@ -72,6 +122,7 @@ class BlobStore:
             os.symlink(source.resolve(), tmp)
             how = "symlink"
         os.replace(tmp, target)
+        self.mark_verified(digest)
         return how
 
     def join_into_temp(
@@ -105,12 +156,14 @@ class BlobStore:
         return tmp, "sha256:" + digest.hexdigest(), total
 
     def adopt(self, tmp: Path, digest: str) -> str:
-        """Move a finished temporary file to its blob name (call under the store lock)."""
+        """Move a finished temporary file (hashed to `digest`) to its blob name, unless a
+        sound blob of that digest is there already (call under the store lock)."""
         target = self.path(digest)
-        if target.exists():
+        if target.exists() and self._reusable(target, tmp, digest):
             tmp.unlink()
             return "existing"
         os.replace(tmp, target)
+        self.mark_verified(digest)
         return "copy"
 
     def usage(self, digest: str) -> BlobUsage | None:
@@ -134,13 +187,14 @@ class BlobStore:
         found = set()
         for entry in self.layout.blobs.iterdir():
             algorithm, sep, hexdigest = entry.name.partition("-")
-            if sep and not entry.name.startswith("."):
+            if sep and not entry.name.startswith(".") and algorithm == "sha256":
                 found.add(f"{algorithm}:{hexdigest}")
         return found
 
     def delete(self, digest: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.path(digest).unlink()
+        self._marker(digest).unlink(missing_ok=True)
 
     def _tmp_name(self) -> Path:
         # In blobs/ itself so the final rename never crosses filesystems.

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import re
 import tomllib
-from dataclasses import asdict, dataclass, field
+import warnings
+from dataclasses import asdict, dataclass, field, fields
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
-from llmctl.errors import UsageError
+from llmctl.errors import InvalidName, StoreWarning, UsageError
+from llmctl.store.layout import relative_name
 
 if TYPE_CHECKING:
     from llmctl.store.layout import StoreLayout
@@ -124,20 +127,168 @@ def _get_folded(table: dict[str, Any], key: str | None) -> Any:
     return None
 
 
-def parse_entry(raw: dict[str, Any], origin: Path | str) -> CatalogEntry:
+# -- checking entries: every catalog file, shipped or the user's, goes through these ----------
+# A catalog entry decides what `pull` opens, links and downloads, and registry JSON comes
+# from anywhere: a package path with '../' once linked an arbitrary local file on pull, and
+# one malformed entry broke `pull` and `catalog export` for the whole catalog (issue 10).
+
+_NAME_PART = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
+_PACKAGE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,126}[A-Za-z0-9])?$")
+_REPO = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+_REVISION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+SOURCE_TYPES = ("package", "hf", "url")
+
+
+def check_url(text: Any, what: str = "url") -> str:
+    """An http(s) URL with a host and no credentials in it."""
+    if not isinstance(text, str):
+        raise UsageError(f"{what} must be a string, not {type(text).__name__}")
+    parts = urlsplit(text.strip())
+    if parts.scheme not in ("https", "http") or not parts.hostname or " " in text.strip():
+        raise UsageError(f"{what} '{text[:80]}' is not an http(s) URL")
+    if parts.username or parts.password:
+        # The catalog is plain text that gets exported and shared: never a secret in it.
+        raise UsageError(f"{what} '{parts.hostname}' carries credentials",
+                         hint="mark the entry as needing auth and set LLMCTL_TOKEN instead")
+    return text.strip()
+
+
+def check_sha256(text: Any) -> str | None:
+    if text in (None, ""):
+        return None
+    value = str(text).strip().lower().removeprefix("sha256:")
+    if not _HEX64.match(value):
+        raise UsageError(f"sha256 '{str(text)[:80]}' is not 64 hexadecimal digits")
+    return value
+
+
+def _strings(value: Any, what: str) -> list[str]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(i, str) and i for i in items):
+        raise UsageError(f"{what} must be a string or a list of strings")
+    return items
+
+
+def _digests(value: Any) -> None:
+    """sha256 as one digest (a one-file source) or {QUANT: digest}."""
+    for digest in value.values() if isinstance(value, dict) else [value]:
+        if check_sha256(digest) is None:
+            raise UsageError("sha256 must be 64 hexadecimal digits")
+
+
+def _file_in(value: Any, what: str) -> None:
     try:
-        sources = [
-            CatalogSource(s["type"], {k: v for k, v in s.items() if k != "type"})
-            for s in raw.get("sources", [])
-        ]
-        known = {f for f in CatalogEntry.__dataclass_fields__ if f != "sources"}
-        unknown = set(raw) - known - {"sources"}
-        if unknown:
-            raise KeyError(f"unknown keys {sorted(unknown)}")
-        return CatalogEntry(sources=sources, **{k: v for k, v in raw.items() if k in known})
-    except (KeyError, TypeError) as exc:
-        where = f"{raw.get('name', '?')}:{raw.get('tag', '?')}"
-        raise UsageError(f"catalog file {origin} has a bad entry {where}: {exc}") from None
+        relative_name(value, what)
+    except InvalidName as exc:
+        raise UsageError(str(exc)) from None
+
+
+def check_source(raw: Any) -> CatalogSource:
+    """A source of an entry, checked field by field; UsageError names what is wrong."""
+    if not isinstance(raw, dict) or not isinstance(raw.get("type"), str):
+        raise UsageError("a source must be a table with a 'type'")
+    kind = raw["type"]
+    options = {k: v for k, v in raw.items() if k != "type"}
+    allowed = {"package": {"package", "path", "parts", "sha256"},
+               "hf": {"repo", "revision", "files", "allow_patterns", "sha256"},
+               "url": {"url", "alternative_urls", "sha256", "unpack", "auth"}}.get(kind)
+    if allowed is None:
+        raise UsageError(f"unknown source type '{kind[:40]}'",
+                         hint=f"use one of: {', '.join(SOURCE_TYPES)}")
+    if unknown := set(options) - allowed:
+        raise UsageError(f"unknown keys {sorted(unknown)} in a {kind} source")
+    if "sha256" in options:
+        _digests(options["sha256"])
+    if kind == "package":
+        parts = options.get("parts")
+        pieces = [options] if parts is None else parts
+        if not isinstance(pieces, list) or not pieces or not all(
+                isinstance(p, dict) for p in pieces):
+            raise UsageError("'parts' must be a list of {package, path} tables")
+        if not isinstance(options.get("package"), str) or not _PACKAGE.match(
+                options["package"]):
+            raise UsageError(f"package '{str(options.get('package'))[:60]}' is not a "
+                             "distribution name")
+        for piece in pieces:
+            package = piece.get("package")
+            if not isinstance(package, str) or not _PACKAGE.match(package):
+                raise UsageError(f"package '{str(package)[:60]}' is not a distribution name")
+            _file_in(piece.get("path"), "package path")
+    elif kind == "hf":
+        repo = options.get("repo")
+        if not isinstance(repo, str) or not _REPO.match(repo) or ".." in repo:
+            raise UsageError(f"'{str(repo)[:60]}' is not a Hugging Face repository",
+                             hint="use ORG/REPO")
+        revision = options.get("revision")
+        if revision is not None and (not isinstance(revision, str)
+                                     or not _REVISION.match(revision) or ".." in revision):
+            raise UsageError(f"revision '{str(revision)[:60]}' is not a branch, tag or commit")
+        files = options.get("files", {})
+        if not isinstance(files, dict) or not all(isinstance(q, str) for q in files):
+            raise UsageError("'files' must be a table of QUANT = \"file name\"")
+        for name in files.values():
+            _file_in(name, "file")
+        if "allow_patterns" in options:
+            _strings(options["allow_patterns"], "'allow_patterns'")
+    else:
+        check_url(options.get("url"))
+        for alternative in _strings(options.get("alternative_urls", []), "'alternative_urls'"):
+            check_url(alternative, "alternative URL")
+        for flag in ("unpack", "auth"):
+            if not isinstance(options.get(flag, False), bool):
+                raise UsageError(f"'{flag}' must be true or false")
+    return CatalogSource(kind, options)
+
+
+_TYPES: dict[str, type | tuple[type, ...]] = {
+    "name": str, "tag": str, "kind": str, "engine": str, "format": str,
+    "quantization": (str, type(None)), "default": bool, "size": int, "min_ram": int,
+    "license": str, "homepage": str, "description": str, "verified": bool,
+    "parameters": dict,
+}
+
+
+def parse_entry(raw: dict[str, Any], origin: Path | str) -> CatalogEntry:
+    """One [[model]] table, checked; UsageError naming the file, the entry and the problem."""
+    where = f"{str(raw.get('name', '?'))[:60]}:{str(raw.get('tag', '?'))[:40]}"
+    try:
+        return check_entry(raw)
+    except UsageError as exc:
+        raise UsageError(f"catalog file {origin} has a bad entry {where}: {exc}",
+                         hint=exc.hint) from None
+
+
+def check_entry(raw: dict[str, Any]) -> CatalogEntry:
+    """One [[model]] table as an entry, every field and source checked (UsageError)."""
+    if not isinstance(raw, dict):
+        raise UsageError("an entry must be a table")
+    known = {f.name for f in fields(CatalogEntry)} - {"sources"}
+    if unknown := set(raw) - known - {"sources"}:
+        raise UsageError(f"unknown keys {sorted(unknown)}")
+    for key in ("name", "tag", "kind", "engine", "format"):
+        if key not in raw:
+            raise UsageError(f"missing '{key}'")
+    for key, value in raw.items():
+        expected = _TYPES.get(key)
+        if expected and (not isinstance(value, expected) or (
+                isinstance(value, bool) and expected is int)):
+            raise UsageError(f"'{key}' has the wrong type ({type(value).__name__})")
+    name_parts = raw["name"].split("/")
+    if len(name_parts) > 2 or not all(_NAME_PART.match(p) for p in name_parts) or (
+            not _NAME_PART.match(raw["tag"])):
+        raise UsageError("name and tag must be lower-case letters, digits, '.', '_', "
+                         "'-' (one '/' in the name at most)")
+    if raw["kind"] not in (*KINDS, "") or raw["format"] not in (*FORMATS, ""):
+        raise UsageError(f"unknown kind '{raw['kind'][:20]}' or format "
+                         f"'{raw['format'][:20]}'")
+    if raw.get("size", 0) < 0 or raw.get("min_ram", 0) < 0:
+        raise UsageError("sizes cannot be negative")
+    sources = raw.get("sources", [])
+    if not isinstance(sources, list) or not sources:
+        raise UsageError("'sources' must be a non-empty list")
+    checked = [check_source(s) for s in sources]
+    return CatalogEntry(sources=checked, **{k: v for k, v in raw.items() if k in known})
 
 
 def read_file(path: Path) -> list[dict[str, Any]]:
@@ -161,6 +312,10 @@ def read_file(path: Path) -> list[dict[str, Any]]:
     return models
 
 
+def _skipped(reason: str) -> None:
+    warnings.warn(StoreWarning(f"{reason}; skipped (fix or remove it)"), stacklevel=3)
+
+
 class Catalog:
     def __init__(self, files: list[Path]):
         self.files = files
@@ -179,11 +334,23 @@ class Catalog:
 
     @cached_property
     def _loaded(self) -> tuple[list[CatalogEntry], dict[str, Path]]:
+        """Every good entry; an unreadable file or a bad entry is skipped with a warning,
+        so that one of them never breaks the rest of the catalog."""
         by_ref: dict[str, CatalogEntry] = {}
         origins: dict[str, Path] = {}
         for path in self.files:
-            for raw in read_file(path):
-                entry = parse_entry(raw, path)
+            try:
+                raws = read_file(path)
+            except (UsageError, OSError) as exc:
+                _skipped(f"{exc}" if isinstance(exc, UsageError) else
+                         f"catalog file {path} cannot be read ({exc.strerror})")
+                continue
+            for raw in raws:
+                try:
+                    entry = parse_entry(raw, path)
+                except UsageError as exc:
+                    _skipped(str(exc))
+                    continue
                 by_ref[entry.reference] = entry
                 origins[entry.reference] = path
         return list(by_ref.values()), origins

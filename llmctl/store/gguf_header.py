@@ -177,8 +177,15 @@ def read_header(path: Path) -> GGUFHeader:
                 offset = cur.take("<Q")
                 tensors.append((name, dims, type_id, offset))
             alignment = metadata.get("general.alignment", GGUF_DEFAULT_ALIGNMENT)
+            # llama.cpp asserts on anything but a power of two (0 would divide by zero).
+            if (not isinstance(alignment, int) or isinstance(alignment, bool)
+                    or alignment <= 0 or alignment & (alignment - 1)):
+                raise cur.fail(f"corrupt header: general.alignment is {alignment!r}, not a "
+                               "power of two")
             data_start = -(-cur.pos // alignment) * alignment
 
+    if not tensors:
+        raise VerificationFailed(str(path), "a GGUF header without tensors: not a model")
     parameter_count = 0
     data_end = data_start
     tensor_types: dict[str, int] = {}

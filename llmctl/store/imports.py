@@ -3,7 +3,9 @@ Hugging Face cache. Their files are linked into the store (hard links where the 
 allows), never copied, so an import costs no space and almost no time.
 
 Each source module (`sources/ollama.py`, `sources/hf_cache.py`) reads its tool's folder
-layout and returns `FoundModel`s; this module decides what to do with each.
+layout and returns `FoundModel`s; this module decides what to do with each. Files are
+hashed as they are registered: the digests the other tool's layout states are checked,
+never trusted.
 """
 
 from __future__ import annotations
@@ -160,9 +162,9 @@ def import_models(
 
 
 def _local_files(model: FoundModel) -> LocalFiles:
-    from llmctl.store.blobs import sha256_file
-
-    # Files whose digest the other tool's layout does not state are small (configs,
-    # tokenizers kept in git, not LFS): hashing them costs little.
-    digests = [d or sha256_file(p) for d, p in zip(model.digests, model.paths, strict=True)]
-    return LocalFiles(model.paths, names=model.names, digests=digests, origin=model.origin)
+    # Every file is hashed on the way in. The digests the other tool's layout states are
+    # only claims: a blob named after SmolLM2's sha256 may hold anything (issue 10), and
+    # the store would then hand it to every later model of that digest. Hashing runs at
+    # disk speed (about 1.5 GB/s here) and is shown as progress.
+    return LocalFiles(model.paths, names=model.names, claimed=model.digests,
+                      origin=model.origin)

@@ -8,11 +8,13 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
-from llmctl.errors import VerificationFailed
+from llmctl.errors import StoreWarning, VerificationFailed
 from llmctl.store import manifest as manifests
 from llmctl.store.blobs import BlobStore, BlobUsage
 from llmctl.store.layout import StoreLayout
@@ -59,6 +61,13 @@ def _plan(layout: StoreLayout, chosen: list[Manifest]) -> RemovalPlan:
     return RemovalPlan(chosen, usages)
 
 
+def unused_blobs(layout: StoreLayout, candidates: set[str] | None = None) -> set[str]:
+    """The digests among `candidates` (every blob when None) that no stored model names."""
+    used = {f.digest for m in manifests.iter_manifests(layout) for f in m.files}
+    pool = BlobStore(layout).all_digests() if candidates is None else candidates
+    return pool - used
+
+
 def remove(layout: StoreLayout, plan: RemovalPlan) -> RemovalPlan:
     """Delete the planned models and the blobs only they used. The plan is worked out
     again under the lock, in case another llmctl changed the store in between."""
@@ -77,6 +86,68 @@ def remove(layout: StoreLayout, plan: RemovalPlan) -> RemovalPlan:
             if manifest.id not in kept:
                 shutil.rmtree(layout.models / manifest.id, ignore_errors=True)
     return plan
+
+
+@dataclass(frozen=True)
+class Cleanup:
+    """What `rm --broken` deletes: unreadable manifests, and the blobs no readable
+    manifest names (left by a damaged manifest, or by a model replaced by older llmctl)."""
+
+    broken: list[manifests.BrokenManifest]
+    blobs: list[BlobUsage]
+
+    @property
+    def reclaimable(self) -> int:
+        return sum(b.reclaimable for b in self.blobs)
+
+
+def plan_cleanup(layout: StoreLayout) -> Cleanup:
+    broken = manifests.broken_manifests(layout)
+    blobs = BlobStore(layout)
+    with warnings.catch_warnings():  # the broken ones are what this reports
+        warnings.simplefilter("ignore", StoreWarning)
+        unused = unused_blobs(layout)
+    return Cleanup(broken, [u for d in sorted(unused) if (u := blobs.usage(d)) is not None])
+
+
+def clean_up(layout: StoreLayout) -> Cleanup:
+    """Delete unreadable manifests, then every blob and folder of links no stored model
+    uses; worked out again under the lock."""
+    blobs = BlobStore(layout)
+    with layout.lock():
+        plan = plan_cleanup(layout)
+        for broken in plan.broken:
+            manifests.delete_broken(layout, broken)
+        plan = Cleanup(plan.broken, plan_cleanup(layout).blobs)
+        for usage in plan.blobs:
+            blobs.delete(usage.digest)
+        kept = {m.id for m in manifests.iter_manifests(layout)}
+        if layout.models.is_dir():
+            for folder in layout.models.iterdir():
+                if folder.name not in kept:
+                    shutil.rmtree(folder, ignore_errors=True)
+    return plan
+
+
+def verify_files(layout: StoreLayout, manifest: Manifest,
+                 on_progress: Callable[[str, int, int], None] | None = None) -> None:
+    """Hash every file of a stored model now; VerificationFailed naming the first one
+    whose content is not its digest. Files found sound are remembered as verified."""
+    blobs = BlobStore(layout)
+    for entry in manifest.files:
+        _checked_blob(layout, manifest, entry)
+        report = (lambda done, total, name=entry.name: on_progress(name, done, total)
+                  ) if on_progress else None
+        if not blobs.verify(entry.digest, report):
+            what = "its file" if len(manifest.files) == 1 else f"its file {entry.name}"
+            raise _damaged(manifest, f"{what} does not hold the content it was stored with "
+                                     f"({entry.digest})")
+
+
+def is_verified(layout: StoreLayout, manifest: Manifest) -> bool:
+    """Whether every file of the model was read back and found to hold its digest."""
+    blobs = BlobStore(layout)
+    return all(blobs.is_verified(f.digest) for f in manifest.files)
 
 
 def check_file(layout: StoreLayout, manifest: Manifest) -> tuple[Path, GGUFHeader]:
@@ -178,6 +249,7 @@ def _complete(folder: Path, entries: list[tuple[PurePosixPath, Path]]) -> bool:
 class ModelDetails:
     manifest: Manifest
     path: Path
+    verified: bool  # every file read back and found to hold its digest
     summary: dict[str, Any]  # architecture, parameters, quantization, context length, ...
     metadata: dict[str, Any]  # every key of the GGUF header; long arrays summarised
     tensor_types: dict[str, int]
@@ -190,11 +262,13 @@ def describe(layout: StoreLayout, catalog: Catalog | None, reference: str) -> Mo
     manifest = resolve_stored(layout, catalog, reference)
     if manifest.format != "gguf":
         folder = model_folder(layout, manifest)
-        return ModelDetails(manifest, folder, *_folder_details(folder))
+        return ModelDetails(manifest, folder, is_verified(layout, manifest),
+                            *_folder_details(folder))
     path, header = check_file(layout, manifest)
     metadata = {k: (str(v) if isinstance(v, ArraySummary) else v)
                 for k, v in header.metadata.items()}
-    return ModelDetails(manifest, path, header.summary(), metadata, header.tensor_types)
+    return ModelDetails(manifest, path, is_verified(layout, manifest), header.summary(),
+                        metadata, header.tensor_types)
 
 
 def _folder_details(folder: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, int]]:

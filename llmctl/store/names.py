@@ -22,7 +22,10 @@ from llmctl.store.catalog import Catalog
 from llmctl.store.layout import StoreLayout
 from llmctl.store.manifest import Manifest
 
-_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*(/[a-z0-9][a-z0-9._-]*)?$")
+# 128 characters per part at most: a name becomes folder names in the store.
+_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}(/[a-z0-9][a-z0-9._-]{0,127})?$")
+# A Hub repository id, as the Hub allows them (no "..", no leading '.' or '-').
+_REPO = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 _TAG = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
 _HEX = re.compile(r"^[0-9a-f]{6,64}$")
 DEFAULT_TAG = "latest"
@@ -77,7 +80,10 @@ def _looks_like_path(text: str) -> bool:
     if text.startswith(("/", "./", "../", "~")) or text in (".", ".."):
         return True
     if os.sep in text or text.lower().endswith(MODEL_SUFFIXES):
-        return Path(text).exists()
+        try:
+            return Path(text).exists()
+        except OSError:  # a name too long to be a path, say
+            return False
     return False
 
 
@@ -89,8 +95,8 @@ def parse_reference(text: str) -> Reference:
         rest = text.removeprefix("hf://")
         rest, _, revision = rest.partition("@")
         repo, _, selector = rest.partition(":")
-        if repo.count("/") != 1 or not all(repo.split("/")):
-            raise UsageError(f"'{text}' is not a Hugging Face reference",
+        if not _REPO.match(repo) or ".." in repo:
+            raise UsageError(f"'{_short(text)}' is not a Hugging Face reference",
                              hint="use hf://ORG/REPO[:FILE_OR_QUANT][@REVISION]")
         return HubRef(repo, selector or None, revision or None)
     if text.startswith(("https://", "http://")):
@@ -104,15 +110,21 @@ def parse_reference(text: str) -> Reference:
     name, _, tag = text.lower().partition(":")
     if not _NAME.match(name) or (tag and not _TAG.match(tag)):
         raise UsageError(
-            f"'{text}' is not a model reference",
+            f"'{_short(text)}' is not a model reference",
             hint="use NAME[:TAG] (letters, digits, '.', '_', '-'), a path to a .gguf, or hf://ORG/REPO",
         )
     return NameRef(name, tag or None)
 
 
+def _short(text: str, limit: int = 80) -> str:
+    """Input quoted in a message: a 10,000-character name is not worth repeating whole."""
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def sanitize_name(text: str) -> str:
-    """A model name derived from a file name: lower case, allowed characters only."""
-    name = re.sub(r"[^a-z0-9._-]+", "-", text.lower()).strip("-._")
+    """A model name derived from a file name: lower case, allowed characters only, 128
+    characters at most."""
+    name = re.sub(r"[^a-z0-9._-]+", "-", text.lower()).strip("-._")[:128].rstrip("-._")
     return name or "model"
 
 

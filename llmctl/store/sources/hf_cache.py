@@ -7,9 +7,9 @@
         refs/main                       the commit `main` pointed to when downloaded
         snapshots/<commit>/<path>       relative links into blobs/
 
-Large (LFS) files are named by their sha256, which the Hub checked when they were
-downloaded: the import trusts those names. Small files kept in git are named by a git
-sha1, and are hashed (they are configs and tokenizers, a few MB at most).
+Large (LFS) files are named by their sha256: the import passes those names on as claims,
+which registering checks against the content. Small files kept in git are named by a git
+sha1 (configs and tokenizers, a few MB at most).
 
 One repository can give several models: one per GGUF file (tagged by its quantization,
 as `llmctl pull hf://org/repo:Q4_K_M` would tag it), one safetensors model (config.json

@@ -28,6 +28,10 @@ def locate(path: Path) -> LocalFiles:
                              "llmctl takes a .gguf file, or a folder with config.json and "
                              "*.safetensors")
         path = found[0]
+    elif not path.is_file():
+        # A FIFO or a device would block the first read for ever (issue 10).
+        raise UsageError(f"{path} is not a regular file (a FIFO, device or socket)",
+                         hint="give the path of a .gguf file or a model folder")
     elif path.suffix.lower() != SUFFIX:
         raise UsageError(f"{path} is not a .gguf file",
                          hint="give a .gguf file, or a folder with config.json and *.safetensors")

@@ -6,9 +6,9 @@
 
 A manifest's layer of media type `application/vnd.ollama.image.model` is the GGUF file;
 template, system prompt and parameters are small layers beside it. Blob names are the
-sha256 Ollama verified when it pulled them: the import trusts them (hashing a 4 GB file
-again would take longer than the rest of the import together) and checks only that each
-blob's size is the one the manifest states, which catches a truncated or replaced file.
+sha256 Ollama verified when it pulled them, but a name is only a claim: the import checks
+each blob's size against the manifest here, and its content against its name when it is
+registered (llmctl.store.imports).
 """
 
 from __future__ import annotations
