@@ -388,6 +388,7 @@ def convert(text: str, layout: StoreLayout, catalog: Catalog, *,
             layout, LocalFiles(files, names=[p.relative_to(resources).as_posix()
                                              for p in files], origin=origin, owned=True),
             name=target_name, tag=tag, expected_sha256=None, model_format=CORE_ML,
+            overwrite=force,  # refused above unless --force
             # One "verifying <file>" per file of every package would bury the progress.
             on_event=lambda e: None if e.status.startswith("verifying ") else on_event(e))
         shutil.rmtree(work, ignore_errors=True)

@@ -129,7 +129,7 @@ def convert(text: str, layout: StoreLayout, catalog: Catalog, *,
             LocalFiles(files, names=[p.relative_to(out).as_posix() for p in files],
                        origin=origin, owned=True),
             name=target_name, tag=tag, expected_sha256=None, on_event=on_event,
-            model_format=MLX)
+            model_format=MLX, overwrite=force)  # refused above unless --force
     return Conversion(result.manifest, source.name, time.perf_counter() - started,
                       report.bits_per_weight)
 
