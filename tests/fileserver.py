@@ -4,8 +4,10 @@ and benchmarks (benchmarks/download.py imports it too).
 Serves the files it is given, with single byte ranges (RFC 9110), ETag and
 Last-Modified, through sendfile() when no fault asks for slower paths. Per file, a
 `Behaviour` says what goes wrong: answer 500 a few times, cut the connection after some
-bytes, ignore ranges, send slowly, redirect elsewhere. Every request is recorded, with
-the bytes of body it sent, so tests can check what a client asked for and got.
+bytes, ignore ranges, send slowly, redirect elsewhere; or lie as a hostile server does
+(other ranges than asked, more bytes than announced, no size, a byte now and then, no
+answer at all). Every request is recorded, with the bytes of body it sent, so tests can
+check what a client asked for and got.
 """
 
 from __future__ import annotations
@@ -32,6 +34,15 @@ class Behaviour:
     rate: int | None = None  # bytes per second, per connection
     redirect: str | None = None  # answer 302 to this URL
     status: int | None = None  # always answer this status
+    # Hostile servers:
+    shift: int = 0  # a range from byte N > 0 is served from N - shift (and says so)
+    content_range: str | None = None  # sent instead of the true Content-Range
+    extra: int = 0  # bytes sent beyond what the headers announce (chunked encoding)
+    length: bool = True  # False: no Content-Length; the body ends when the connection does
+    drip: float | None = None  # seconds between single bytes of the body
+    silent: bool = False  # read the request, never answer
+    require_auth: str | None = None  # answer 401 unless Authorization is this
+    require_query: str | None = None  # answer 403 unless the query string holds this
 
 
 @dataclass
@@ -41,6 +52,7 @@ class Request:
     authorization: str | None
     status: int
     sent: int = 0  # body bytes written
+    query: str = ""
 
 
 @dataclass
@@ -52,6 +64,7 @@ class FileServer:
 
     def __post_init__(self) -> None:
         self.lock = threading.Lock()
+        self.closed = threading.Event()  # releases handlers that hold a connection open
         server = self
 
         class Handler(_Handler):
@@ -67,6 +80,7 @@ class FileServer:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.closed.set()
         self.httpd.shutdown()
         self.httpd.server_close()
 
@@ -99,8 +113,9 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
     def _record(self, status: int) -> Request:
-        request = Request(self.path.split("?")[0], self.headers.get("Range"),
-                          self.headers.get("Authorization"), status)
+        path, _, query = self.path.partition("?")
+        request = Request(path, self.headers.get("Range"), self.headers.get("Authorization"),
+                          status, query=query)
         with self.owner.lock:
             self.owner.requests.append(request)
         return request
@@ -124,6 +139,15 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if behaviour.status:
             return self._plain(behaviour.status, b"no\n")
+        if behaviour.silent:
+            self._record(0)
+            owner.closed.wait()
+            self.close_connection = True
+            return
+        if behaviour.require_auth and self.headers.get("Authorization") != behaviour.require_auth:
+            return self._plain(401, b"who are you?\n")
+        if behaviour.require_query and behaviour.require_query not in self.path.partition("?")[2]:
+            return self._plain(403, b"signature missing\n")
         with owner.lock:
             failing = behaviour.fail_first > 0
             if failing:
@@ -152,18 +176,35 @@ class _Handler(BaseHTTPRequestHandler):
                     self.end_headers()
                     return
                 status = 206
+                if start > 0 and behaviour.shift:
+                    # Another range than asked for, of the same length, labelled truly.
+                    moved = max(0, start - behaviour.shift)
+                    start, end = moved, moved + (end - start)
         record = self._record(status)
         stat = file.stat()
         self.send_response(status)
-        self.send_header("Content-Length", str(end - start))
+        if behaviour.length:
+            self.send_header("Content-Length", str(end - start))
+        else:
+            self.close_connection = True
+        if behaviour.extra:
+            self.send_header("Transfer-Encoding", "chunked")
         self.send_header("ETag", f'"{stat.st_ino:x}-{stat.st_size:x}-{int(stat.st_mtime)}"')
         self.send_header("Last-Modified", formatdate(stat.st_mtime, usegmt=True))
         if behaviour.ranges:
             self.send_header("Accept-Ranges", "bytes")
         if status == 206:
-            self.send_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
+            self.send_header("Content-Range",
+                             behaviour.content_range or f"bytes {start}-{end - 1}/{size}")
         self.end_headers()
         if head:
+            return
+        try:
+            if behaviour.extra:
+                return self._send_chunked(file, start, end - start, behaviour.extra, record)
+            if behaviour.drip is not None:
+                return self._send_drip(file, start, end - start, behaviour.drip, record)
+        except (BrokenPipeError, ConnectionResetError):
             return
         limit = end - start
         with owner.lock:
@@ -176,10 +217,37 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_body(file, start, limit, behaviour.rate, record)
         except (BrokenPipeError, ConnectionResetError):
             return
-        if drop:
-            # A dropped connection: close the socket with the body incomplete.
+        if drop or not behaviour.length:
+            # A dropped connection: close the socket with the body incomplete. Without a
+            # Content-Length, closing is what ends the body.
             self.close_connection = True
             self.connection.shutdown(socket.SHUT_RDWR)
+
+    def _send_chunked(self, file: Path, start: int, length: int, extra: int,
+                      record: Request) -> None:
+        """The range asked for, then `extra` bytes more, in chunked encoding."""
+        with open(file, "rb") as handle:
+            handle.seek(start)
+            data = handle.read(length) + os.urandom(extra)
+        step = 256 * 1024
+        for offset in range(0, len(data), step):
+            chunk = data[offset:offset + step]
+            self.wfile.write(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+            record.sent += len(chunk)
+        self.wfile.write(b"0\r\n\r\n")
+
+    def _send_drip(self, file: Path, start: int, length: int, every: float,
+                   record: Request) -> None:
+        """One byte every `every` seconds, until done or the server closes."""
+        with open(file, "rb") as handle:
+            handle.seek(start)
+            for _ in range(length):
+                if self.owner.closed.wait(every):
+                    break
+                self.wfile.write(handle.read(1))
+                self.wfile.flush()
+                record.sent += 1
+        self.close_connection = True
 
     def _send_body(self, file: Path, start: int, length: int, rate: int | None,
                    record: Request) -> None:

@@ -175,7 +175,7 @@ def test_a_token_goes_to_its_own_host_only(layout: StoreLayout,
     with FileServer(host="127.0.0.2") as other, FileServer() as server:
         target = other.add("blob.bin", path)
         url = server.add("blob.bin", path, Behaviour(redirect=target))
-        request = DownloadRequest([url], sha, auth=("127.0.0.1", "secret-token"))
+        request = DownloadRequest([url], sha, auth=(url, "secret-token"))
         download.download(layout, request)
     assert {r.authorization for r in server.requests} == {"Bearer secret-token"}
     assert {r.authorization for r in other.requests} == {None}

@@ -12,9 +12,10 @@ from dataclasses import asdict, dataclass, field, fields
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from llmctl.errors import InvalidName, StoreWarning, UsageError
+from llmctl.store.credentials import public_url
 from llmctl.store.layout import relative_name
 
 if TYPE_CHECKING:
@@ -147,9 +148,11 @@ def check_url(text: Any, what: str = "url") -> str:
     parts = urlsplit(text.strip())
     if parts.scheme not in ("https", "http") or not parts.hostname or " " in text.strip():
         raise UsageError(f"{what} '{text[:80]}' is not an http(s) URL")
-    if parts.username or parts.password:
-        # The catalog is plain text that gets exported and shared: never a secret in it.
-        raise UsageError(f"{what} '{parts.hostname}' carries credentials",
+    # The catalog is plain text that gets exported and shared: never a secret in it, neither
+    # user:password@ nor a token or signature in the query.
+    if parts.username or parts.password or public_url(text.strip()) != urlunsplit(
+            parts._replace(fragment="")):
+        raise UsageError(f"{what} '{public_url(text.strip())}' carries credentials",
                          hint="mark the entry as needing auth and set LLMCTL_TOKEN instead")
     return text.strip()
 

@@ -9,6 +9,8 @@
                                   links to the blobs, named as the manifest names them
       tmp/                        work in progress, same filesystem as blobs (for renames)
         downloads/<key>.part      a download in progress, with <key>.json (its state)
+        downloaded/<key>.json     what a finished download served (URL without
+                                  credentials, digest, size, validators), for reuse
         locks/<key>.lock          held by the llmctl pulling that model or file
       store.lock                  held while manifests or blobs change
 """

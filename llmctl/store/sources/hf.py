@@ -550,6 +550,11 @@ def _reason(exc: BaseException, revision: str | None, file: str | None) -> str |
         (_transport_errors(),
          f"{endpoint} cannot be reached ({_first_line(exc)}); check the network or "
          "HF_ENDPOINT"),
+        # A server that is no Hub (a login page, a proxy's error page) answers HTML where
+        # the Hub answers JSON (issue 10).
+        (json.JSONDecodeError,
+         f"{endpoint} did not answer as a Hugging Face Hub does (not JSON; a web page?); "
+         "check HF_ENDPOINT, or unset it to use huggingface.co"),
     ]
     for kinds, message in table:
         if isinstance(exc, kinds):

@@ -1,23 +1,23 @@
 """Plain URLs: `https://host/model.gguf#sha256=HEX`, and catalog entries of type "url".
 
 The download itself is llmctl.store.download's job. This module names the model, picks
-the token (if the entry needs one, for its own host only) and unpacks archives safely.
+the token (if the entry needs one, for its own origin only) and unpacks archives safely.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
-import stat
-import tarfile
-import zipfile
-from collections.abc import Callable
-from pathlib import Path, PurePosixPath
+from collections.abc import Callable, Iterator
+from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
-from llmctl.errors import UsageError, VerificationFailed
+from llmctl.errors import UsageError
 from llmctl.store import download as downloader
+from llmctl.store.archives import unpack_archive
+from llmctl.store.credentials import public_url
 from llmctl.store.layout import StoreLayout
 from llmctl.store.names import UrlRef, sanitize_name
 from llmctl.store.sources import LocalFiles
@@ -35,7 +35,7 @@ def file_name(url: str) -> str:
     """The last path segment of `url`, as a plain file name (never a path)."""
     name = PurePosixPath(unquote(urlsplit(url).path)).name
     if name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name:
-        raise UsageError(f"'{url}' does not end in a file name",
+        raise UsageError(f"'{public_url(url)}' does not end in a file name",
                          hint="give the URL of the file itself")
     return name
 
@@ -53,116 +53,64 @@ def model_name(ref: UrlRef) -> str:
 
 
 def _token_for(url: str) -> tuple[str, str] | None:
+    """(URL, token) for an entry with `auth = true`: the token goes to that URL's origin
+    only. HF_TOKEN counts for the Hub's own hosts ("evilhuggingface.co" is not one)."""
     host = (urlsplit(url).hostname or "").lower()
-    variables = ("HF_TOKEN", *TOKEN_VARIABLES) if host.endswith("huggingface.co") else (
-        TOKEN_VARIABLES)
+    hub = host == "huggingface.co" or host.endswith(".huggingface.co")
+    variables = ("HF_TOKEN", *TOKEN_VARIABLES) if hub else TOKEN_VARIABLES
     for variable in variables:
         if token := os.environ.get(variable):
-            return host, token
+            return url, token
     return None
 
 
-def fetch(layout: StoreLayout, ref: UrlRef, options: PullOptions, *,
-          on_progress: FileProgress) -> LocalFiles:
+def fetching(layout: StoreLayout, ref: UrlRef, options: PullOptions, *,
+             on_progress: FileProgress) -> contextlib.AbstractContextManager[LocalFiles]:
+    """`with fetching(...) as files: register(...)`: the file at `ref`, downloaded (or
+    reused), held locked until the body has stored it; see download.downloading. The URL
+    may carry credentials (user:password@, a pre-signed query): they are used for the
+    request only, and `files.origin` holds the URL without them."""
     request = downloader.DownloadRequest([ref.url], ref.sha256, model=model_name(ref))
-    return _fetch(layout, request, options, unpack=None, on_progress=on_progress)
+    return _fetching(layout, request, options, unpack=None, on_progress=on_progress)
 
 
-def fetch_catalog_source(layout: StoreLayout, source: dict[str, Any], options: PullOptions,
-                         *, on_progress: FileProgress, model: str = "") -> LocalFiles:
+def fetching_catalog_source(layout: StoreLayout, source: dict[str, Any], options: PullOptions,
+                            *, on_progress: FileProgress, model: str = ""
+                            ) -> contextlib.AbstractContextManager[LocalFiles]:
+    """`fetching` for a catalog source of type "url": `url`, optional `sha256`,
+    `alternative_urls`, `auth` (a token from LLMCTL_TOKEN, or HF_TOKEN for the Hub, sent
+    to the entry's own origin only) and `unpack`."""
     urls = [source["url"], *source.get("alternative_urls", [])]
     auth = _token_for(source["url"]) if source.get("auth") else None
     request = downloader.DownloadRequest(urls, source.get("sha256"), auth=auth, model=model)
-    return _fetch(layout, request, options, unpack=source.get("unpack"),
-                  on_progress=on_progress)
+    return _fetching(layout, request, options, unpack=source.get("unpack"),
+                     on_progress=on_progress)
 
 
-def _fetch(layout: StoreLayout, request: downloader.DownloadRequest, options: PullOptions,
-           *, unpack: bool | None, on_progress: FileProgress) -> LocalFiles:
+@contextlib.contextmanager
+def _fetching(layout: StoreLayout, request: downloader.DownloadRequest, options: PullOptions,
+              *, unpack: bool | None, on_progress: FileProgress) -> Iterator[LocalFiles]:
     name = file_name(request.urls[0])
-    done = downloader.download(
+    with downloader.downloading(
         layout, request, parts=options.parts, rate_limit=options.rate_limit,
         on_progress=lambda d, t: on_progress(name, d, t),
-    )
-    origin: dict[str, Any] = {"type": "url", "url": done.url, "sha256": done.digest}
-    if unpack is None:
-        unpack = name.lower().endswith(ARCHIVES)
-    if not unpack:
-        return LocalFiles([done.path], origin=origin, names=[name], digests=[done.digest],
-                          owned=True, cleanup=lambda: downloader.forget(layout, done.key))
-    target = layout.downloads / f"{done.key}.unpacked"
-    try:
-        paths, names = unpack_archive(done.path, target, name)
-    except VerificationFailed:
-        downloader.forget(layout, done.key)  # a refused archive is not worth keeping
-        raise
-    origin["archive"] = name
-
-    def cleanup() -> None:
-        shutil.rmtree(target, ignore_errors=True)
+    ) as done:
+        origin: dict[str, Any] = {"type": "url", "url": done.url, "sha256": done.digest}
+        if unpack is None:
+            unpack = name.lower().endswith(ARCHIVES)
+        if not unpack:
+            # A blob an earlier download stored is linked (it is the store's already);
+            # a fresh download is moved in.
+            yield LocalFiles([done.path], origin=origin, names=[name], digests=[done.digest],
+                             owned=not done.stored)
+            return
+        # A refused archive raises VerificationFailed: `downloading` deletes it.
+        target = layout.downloads / f"{done.key}.unpacked"
+        try:
+            paths, names = unpack_archive(done.path, target, name)
+            origin["archive"] = name
+            yield LocalFiles(paths, origin=origin, names=names, owned=True)
+        finally:
+            shutil.rmtree(target, ignore_errors=True)
+        # Its files are in the store: the archive itself is not kept.
         downloader.forget(layout, done.key)
-
-    return LocalFiles(paths, origin=origin, names=names, owned=True, cleanup=cleanup)
-
-
-def _is_archive_link(info: zipfile.ZipInfo) -> bool:
-    return stat.S_ISLNK(info.external_attr >> 16)
-
-
-def _safe_member(name: str, archive: str) -> PurePosixPath:
-    """An archive member's path, refused if it is absolute or climbs out of the target."""
-    path = PurePosixPath(name.replace("\\", "/"))
-    if path.is_absolute() or ".." in path.parts or (path.parts and ":" in path.parts[0]):
-        raise VerificationFailed(archive, f"entry '{name}' would be written outside the "
-                                 "folder it is unpacked into; refused")
-    return path
-
-
-def unpack_archive(archive: Path, target: Path, label: str) -> tuple[list[Path], list[str]]:
-    """Unpack a .zip or .tar.gz into `target` (a fresh folder; written under a temporary
-    name, then renamed). Entries with absolute paths, `..`, or links pointing outside the
-    folder are refused. Returns the regular files and their names inside the folder."""
-    shutil.rmtree(target, ignore_errors=True)
-    work = target.with_name(target.name + ".incomplete")
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    try:
-        if zipfile.is_zipfile(archive):
-            _unzip(archive, work, label)
-        elif tarfile.is_tarfile(archive):
-            with tarfile.open(archive) as tar:
-                try:
-                    # The standard library's "data" filter refuses absolute paths, paths
-                    # and links leading outside the folder, devices, and set-uid bits.
-                    tar.extractall(work, filter="data")
-                except tarfile.FilterError as exc:
-                    raise VerificationFailed(label, f"{exc}; refused") from None
-        else:
-            raise VerificationFailed(label, "is neither a zip nor a tar archive")
-        os.replace(work, target)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-    files = sorted(p for p in target.rglob("*") if p.is_file() and not p.is_symlink())
-    if not files:
-        raise VerificationFailed(label, "the archive holds no files")
-    return files, [p.relative_to(target).as_posix() for p in files]
-
-
-def _unzip(archive: Path, work: Path, label: str) -> None:
-    with zipfile.ZipFile(archive) as zf:
-        members = zf.infolist()
-        need = sum(m.file_size for m in members)
-        downloader.check_disk(work, need)
-        for info in members:
-            path = _safe_member(info.filename, label)
-            if _is_archive_link(info):
-                link = zf.read(info).decode()
-                resolved = PurePosixPath(os.path.normpath(path.parent / link))
-                if link.startswith("/") or resolved.parts[:1] == ("..",):
-                    raise VerificationFailed(label, f"link '{info.filename}' points outside "
-                                             "the folder it is unpacked into; refused")
-                (work / path).parent.mkdir(parents=True, exist_ok=True)
-                os.symlink(link, work / path)
-                continue
-            zf.extract(info, work)
