@@ -411,6 +411,8 @@ def llmctl_entry(**source: object) -> dict:
     (llmctl_entry(type="url", url="https://h/x.gguf", sha256="abc"), "64 hexadecimal"),
     ({"id": "x", "url": "file:///etc/passwd"}, "not an http(s) URL"),
     ({"id": "x", "url": "https://h/x.gguf", "size": "big"}, "'size'"),
+    ({"id": "x", "url": "https://h/x.gguf?token=abcd1234"}, "carries credentials"),
+    ({"id": "x", "url": "https://u:pw@h/x.gguf"}, "carries credentials"),
     ({"id": "x", "url": "https://h/x.gguf", "default": "yes"}, "'default'"),
 ])
 def test_catalog_import_validates_every_source(llmctl: Runner, sandbox: Sandbox,
@@ -464,6 +466,9 @@ def test_a_package_source_reaches_only_files_the_package_installed(tmp_path: Pat
     (["pull", "https://127.0.0.1:9/x.gguf", "--rate-limit", "inf"], 2, "not a speed"),
     (["pull", "https://127.0.0.1:9/x.gguf", "--rate-limit", "nan"], 2, "not a speed"),
     (["chat", "--resume", "*"], 2, "not a valid name"),
+    (["pull", "http://[::1/x.gguf"], 2, "not a valid URL"),
+    (["pull", "http://127.0.0.1:99999/x.gguf"], 2, "not a valid URL"),
+    (["rm", "--partial", "-y", "../x"], 2, "no interrupted download"),
 ])
 def test_bad_input_gets_its_exit_code_and_one_line(llmctl: Runner, sandbox: Sandbox,
                                                    args: list[str], code: int,
