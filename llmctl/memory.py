@@ -81,7 +81,8 @@ def check_fits(runnable: Any, context_length: int | None, force: bool = False
     (exit 5) when it does not fit, unless `force`; the caller warns when forced."""
     estimate = estimate_memory(runnable, context_length)
     usable = usable_memory_bytes()
-    check = MemoryCheck(estimate, usable, int(usable * SHARE) if usable else None)
+    check = MemoryCheck(estimate, usable,
+                        int(usable * SHARE) if usable is not None else None)
     if not check.fits and not force:
         assert check.allowed is not None and usable is not None
         raise InsufficientResources(
@@ -101,12 +102,11 @@ def estimate_memory(runnable: Any, context_length: int | None) -> MemoryEstimate
     """What loading `runnable` with `context_length` tokens (None: the engine's default)
     takes: a GGUF file from its header, a folder model (MLX, safetensors) from config.json."""
     path = Path(runnable.path)
-    header = getattr(runnable, "header", None)
-    if getattr(runnable, "format", "gguf") == "gguf" and header is not None:
-        shape, weights, step = gguf_shape(header.metadata), header.file_size, LLAMA_CELLS
+    shape = model_shape(runnable)
+    if _is_gguf(runnable):
+        weights, step = runnable.header.file_size, LLAMA_CELLS
     else:
-        folder = path if path.is_dir() else path.parent
-        shape, weights, step = config_shape(folder / "config.json"), folder_weights(path), 1
+        weights, step = folder_weights(path), 1
     cells = default_context(context_length, shape.trained_context)
     cells = -(-cells // step) * step
     return MemoryEstimate(
@@ -116,6 +116,21 @@ def estimate_memory(runnable: Any, context_length: int | None) -> MemoryEstimate
         overhead=OVERHEAD,
         context_length=cells,
     )
+
+
+def model_shape(runnable: Any) -> Shape:
+    """A model's shape before loading it: from a GGUF header, or a folder's config.json.
+    Its `trained_context` also bounds --ctx (`LoadOptions.validate`)."""
+    if _is_gguf(runnable):
+        return gguf_shape(runnable.header.metadata)
+    path = Path(runnable.path)
+    folder = path if path.is_dir() else path.parent
+    return config_shape(folder / "config.json")
+
+
+def _is_gguf(runnable: Any) -> bool:
+    return (getattr(runnable, "format", "gguf") == "gguf"
+            and getattr(runnable, "header", None) is not None)
 
 
 def _int(value: Any) -> int:

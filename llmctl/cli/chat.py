@@ -47,6 +47,8 @@ def chat(
     are left out, with a note on stderr. With piped input, each line (or \"\"\"-block) is one
     message and each reply goes to stdout followed by a newline; with --json, the events
     of `run --json`, the "done" event adding the reply's text, turn and conversation ID.
+    Piped input is read as UTF-8 (other bytes become U+FFFD); a closed stdin is a usage
+    error (exit 2), as there is nothing to answer.
 
     Examples:
 
@@ -66,6 +68,12 @@ def chat(
     store = ConversationStore(StoreLayout.default().root)
     if list_:
         return _list(out, store, model, json)
+    options = GenerationOptions(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                                max_tokens=max_tokens).validate()
+    if sys.stdin is None:  # `llmctl chat MODEL <&-`: no terminal and no messages
+        raise UsageError("stdin is closed, so there are no messages to answer",
+                         hint="pipe them in (printf 'Hi\\n' | llmctl chat MODEL) or run chat "
+                              "in a terminal")
     conversation = store.find(resume) if resume else None
     model = model or (conversation.model if conversation else None)
     if not model:
@@ -75,11 +83,9 @@ def chat(
     conversation = conversation or Conversation(target.name)
     conversation.model = target.name
     conversation.system = system or conversation.system
-    options = GenerationOptions(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-                                max_tokens=max_tokens)
     session = ChatSession(llm, conversation, options, store)
     meta = {"model": target.name, "engine": spec.name}
-    if sys.stdin is None or not sys.stdin.isatty():
+    if not sys.stdin.isatty():
         return _piped(out, session, meta, verbose)
     _interactive(out, session, verbose, resumed=resume is not None)
 
@@ -136,6 +142,8 @@ def _piped(out: Output, session: ChatSession, meta: dict, verbose: bool) -> None
     that a program can hold a conversation through a pipe."""
     from llmctl.chat import read_message
 
+    shared.text_stdin()
+
     def more() -> str | None:
         line = sys.stdin.readline()
         return line.rstrip("\n") if line else None
@@ -150,7 +158,7 @@ def _piped(out: Output, session: ChatSession, meta: dict, verbose: bool) -> None
             out.text("" if out.json_mode else "\n")  # the shell prompt on a line of its own
             raise
         if verbose:
-            shared.report_stats(out, stats)
+            shared.report_stats(out, stats, getattr(session.engine, "threads", None))
 
 
 def _interactive(out: Output, session: ChatSession, verbose: bool, resumed: bool) -> None:
@@ -184,7 +192,7 @@ def _interactive(out: Output, session: ChatSession, verbose: bool, resumed: bool
             elif text:
                 stats = _stream(out, session, text)
                 if verbose:
-                    shared.report_stats(out, stats)
+                    shared.report_stats(out, stats, getattr(session.engine, "threads", None))
         except KeyboardInterrupt:
             out.text("\n")
             out.info("(reply stopped)")

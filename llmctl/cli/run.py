@@ -20,20 +20,25 @@ if TYPE_CHECKING:
     from llmctl.store.pull import Runnable
 
 SystemOpt = Annotated[str | None, typer.Option(help="A system prompt.")]
+# The bounds of the numeric options are checked in one place, GenerationOptions.validate
+# and LoadOptions.validate (llmctl.engines.base), for every command and engine; the
+# minimums here only show the range in --help.
 TemperatureOpt = Annotated[float, typer.Option(
-    min=0.0, help="0 picks the likeliest token every time.")]
+    min=0.0, help="0 picks the likeliest token every time; at most 100.")]
 TopPOpt = Annotated[float, typer.Option(min=0.0, max=1.0)]
 TopKOpt = Annotated[int, typer.Option(min=0, help="0 turns it off.")]
 SeedOpt = Annotated[int | None, typer.Option(
-    min=0, help="Same seed and options, same output. [default: random]", show_default=False)]
+    min=0, help="Same seed and options, same output; 0 to 4294967294. [default: random]",
+    show_default=False)]
 MaxTokensOpt = Annotated[int | None, typer.Option(
     min=1, help="Stop after this many tokens. [default: until the model stops]",
     show_default=False)]
 CtxOpt = Annotated[int | None, typer.Option(
-    min=16, help="Context length in tokens. [default: the model's, at most 4096]",
-    show_default=False)]
+    min=16, help="Context length in tokens, at most the model's trained context. "
+    "[default: the model's, at most 4096]", show_default=False)]
 ThreadsOpt = Annotated[int | None, typer.Option(
-    min=1, help="CPU threads. [default: physical cores]", show_default=False)]
+    min=1, help="CPU threads, at most the CPUs this process may use. [default: the physical "
+    "cores other processes leave free]", show_default=False)]
 EngineOpt = Annotated[str | None, typer.Option(
     help="Engine to use. [default: chosen by the model's format]", show_default=False)]
 VerboseOpt = Annotated[bool, typer.Option(
@@ -79,14 +84,14 @@ def run(
     from llmctl.errors import UsageError
 
     out = Output(json_mode=json)
+    options = GenerationOptions(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                                max_tokens=max_tokens).validate()
     text = _read_prompt(prompt)
     if not text:
         raise UsageError("no prompt given", hint="pass PROMPT or pipe text on stdin")
     target, spec, llm = open_text_model(out, model, engine=engine, ctx=ctx, threads=threads,
                                         force=force)
     messages = ([Message("system", system)] if system else []) + [Message("user", text)]
-    options = GenerationOptions(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-                                max_tokens=max_tokens)
     events = llm.generate(messages, options)
     wrote = False
     try:
@@ -109,7 +114,7 @@ def run(
     else:
         out.text("\n")
     if verbose:
-        report_stats(out, stats)
+        report_stats(out, stats, threads=getattr(llm, "threads", None))
 
 
 def open_text_model(out: Output, model: str, *, engine: str | None, ctx: int | None,
@@ -121,7 +126,7 @@ def open_text_model(out: Output, model: str, *, engine: str | None, ctx: int | N
     from llmctl.engines import registry
     from llmctl.engines.base import LoadOptions
     from llmctl.errors import UsageError
-    from llmctl.memory import check_fits
+    from llmctl.memory import check_fits, model_shape
     from llmctl.store.pull import runnable
 
     layout, catalog = open_store()
@@ -131,16 +136,22 @@ def open_text_model(out: Output, model: str, *, engine: str | None, ctx: int | N
     if target.kind != "text":
         raise UsageError(f"{target.name} is an image model", hint="use llmctl imagine")
     spec = registry.choose(target.format, target.kind, engine)
+    # Bounds first: a --ctx past the model's trained context is a usage error, not a
+    # memory estimate of terabytes.
+    options, notes = LoadOptions(ctx, threads).validate(model_shape(target).trained_context)
+    for note in notes:
+        out.info(f"note: {note}")
     check = check_fits(target, ctx, force)
     if not check.fits:
         out.warn(f"{target.name} may not fit in memory (need about "
                  f"{format_bytes(check.estimate.total)}, have {format_bytes(check.allowed)}); "
                  "loading anyway (--force)")
-    return target, spec, registry.load_text_engine(spec, target.path, LoadOptions(ctx, threads))
+    return target, spec, registry.load_text_engine(spec, target.path, options)
 
 
-def report_stats(out: Output, stats: Stats) -> None:
-    """--verbose: Ollama's statistics block, on stderr."""
+def report_stats(out: Output, stats: Stats, threads: int | None = None) -> None:
+    """--verbose: Ollama's statistics block, on stderr, with the CPU threads the engine ran
+    (the default depends on what else keeps the CPUs busy) when it has a number of them."""
     out.info(
         f"load duration:     {stats.load_seconds:.2f}s\n"
         f"prompt eval count: {stats.prompt_tokens} token(s)\n"
@@ -148,14 +159,25 @@ def report_stats(out: Output, stats: Stats) -> None:
         f"eval count:        {stats.generated_tokens} token(s)\n"
         f"eval rate:         {stats.generate_tokens_per_second:.2f} tokens/s\n"
         f"stop reason:       {stats.stop_reason}\n"
-        f"peak memory:       {format_bytes(stats.peak_memory_bytes)}"
+        + (f"threads:           {threads}\n" if threads else "")
+        + f"peak memory:       {format_bytes(stats.peak_memory_bytes)}"
     )
+
+
+def text_stdin() -> None:
+    """Read stdin as UTF-8 whatever the locale, bytes that are not UTF-8 becoming U+FFFD:
+    piped text with a stray byte (or a binary file) is still a prompt, instead of a
+    UnicodeEncodeError on the surrogates Python would otherwise decode it to. No-op when
+    stdin is closed (then `sys.stdin` is None)."""
+    if sys.stdin is not None and hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(encoding="utf-8", errors="replace")
 
 
 def _read_prompt(words: list[str] | None) -> str:
     """stdin first (when it is not a terminal), then the arguments, as Ollama does."""
     parts = []
     if sys.stdin is not None and not sys.stdin.isatty():
+        text_stdin()
         piped = sys.stdin.read().strip()
         if piped:
             parts.append(piped)

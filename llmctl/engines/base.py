@@ -6,9 +6,12 @@ command gets it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Literal, Protocol
+
+from llmctl.errors import UsageError
 
 Role = Literal["system", "user", "assistant"]
 StopReason = Literal["stop", "length", "interrupted"]
@@ -23,6 +26,21 @@ class Message:
 # Context used when none is asked for: the model's own, at most this many tokens (more
 # costs memory few prompts need). The engines and the memory estimate share it.
 DEFAULT_CONTEXT = 4096
+# The smallest context --ctx takes. llama.cpp allocates at least 256 cells whatever is
+# asked; the engines keep to the number asked for, so that what is reported is what is used.
+MIN_CONTEXT = 16
+# The largest context for a model that does not say what it was trained for. llama.cpp
+# keeps the context in 32-bit fields (4294967312 wrapped round to 16 and then aborted);
+# 2^24 tokens is above every trained context published so far and far inside that.
+MAX_CONTEXT = 1 << 24
+# Seeds: llama.cpp's samplers take 32 bits and read 0xFFFFFFFF (LLAMA_DEFAULT_SEED) as
+# "pick a random seed", so the largest seed that reproduces is one below it. MLX gets the
+# same range, so that a seed means the same on both engines.
+MAX_SEED = 0xFFFFFFFF - 1
+# Temperature: above a few, sampling is already uniform; past float32's range (which the
+# engines compute in) it turns into infinity. 100 keeps every useful value.
+MAX_TEMPERATURE = 100.0
+MAX_TOP_K = (1 << 31) - 1  # llama.cpp's int32; beyond the vocabulary, top-k keeps everything
 
 
 def default_context(requested: int | None, trained: int | None) -> int:
@@ -33,7 +51,42 @@ def default_context(requested: int | None, trained: int | None) -> int:
 @dataclass(frozen=True)
 class LoadOptions:
     context_length: int | None = None  # None: the engine's default for the model
-    threads: int | None = None  # None: every core this process may use
+    threads: int | None = None  # None: the cores other processes leave free
+
+    def validate(self, trained_context: int | None = None) -> tuple[LoadOptions, list[str]]:
+        """The options bounded by what the engines accept, and notes on what was changed.
+
+        A context outside MIN_CONTEXT..the model's trained context (MAX_CONTEXT when the
+        model does not say) is refused: beyond its trained length a model writes nonsense,
+        and past 32 bits llama.cpp aborts. More threads than this process may run at once
+        are lowered to that many (`llmctl.resources.cpu_limit`), with a note: the extra
+        threads could only wait for a CPU, and slow every other thread down while they do.
+        """
+        ctx = self.context_length
+        if ctx is not None:
+            if ctx < MIN_CONTEXT:
+                raise UsageError(f"--ctx {ctx} is below the smallest context, {MIN_CONTEXT} "
+                                 "tokens", hint=f"use --ctx {MIN_CONTEXT} or more")
+            limit = trained_context or MAX_CONTEXT
+            if ctx > limit:
+                said = (f"the {limit} tokens the model was trained for" if trained_context
+                        else f"llmctl's limit of {limit} tokens for a model that does not "
+                             "say its trained context")
+                raise UsageError(f"--ctx {ctx} is more than {said}",
+                                 hint=f"use --ctx {limit} or less")
+        notes = []
+        threads = self.threads
+        if threads is not None:
+            if threads < 1:
+                raise UsageError(f"--threads {threads} is below 1", hint="use --threads 1 or "
+                                 "more, or leave it out to use the cores that are free")
+            from llmctl.resources import cpu_limit
+
+            if threads > (most := cpu_limit()):
+                notes.append(f"--threads {threads} is more than the {most} CPUs this process "
+                             f"may use; using {most}")
+                threads = most
+        return replace(self, threads=threads), notes
 
 
 @dataclass(frozen=True)
@@ -45,6 +98,33 @@ class GenerationOptions:
     seed: int | None = None  # None: a fresh random seed each time
     max_tokens: int | None = None  # None: until the model stops or the context is full
     ignore_eos: bool = False  # benchmarks generate a fixed number of tokens
+
+    def validate(self) -> GenerationOptions:
+        """The options themselves, or UsageError for a value no engine can sample with.
+        Called by run and chat before loading the model, and by the engines before each
+        reply, so that no caller hands llama.cpp or MLX a NaN or a wrapped-round integer
+        (command-line ranges do not catch NaN: every comparison with it is false)."""
+        _check_range("--temperature", self.temperature, 0.0, MAX_TEMPERATURE)
+        _check_range("--top-p", self.top_p, 0.0, 1.0)
+        _check_range("min_p", self.min_p, 0.0, 1.0)
+        _check_range("--top-k", self.top_k, 0, MAX_TOP_K)
+        if self.seed is not None:
+            _check_range("--seed", self.seed, 0, MAX_SEED,
+                         why=f" ({MAX_SEED + 1} means 'random' to llama.cpp)")
+        if self.max_tokens is not None:
+            _check_range("--max-tokens", self.max_tokens, 1, None)
+        return self
+
+
+def _check_range(name: str, value: float, low: float, high: float | None, why: str = ""
+                 ) -> None:
+    finite = isinstance(value, int) or math.isfinite(value)
+    if finite and value >= low and (high is None or value <= high):
+        return
+    bounds = f"from {low:g} to {high:g}" if high is not None else f"of at least {low:g}"
+    if isinstance(low, int):
+        bounds = f"from {low} to {high}" if high is not None else f"of at least {low}"
+    raise UsageError(f"{name} {value} is out of range{why}", hint=f"use a number {bounds}")
 
 
 @dataclass(frozen=True)

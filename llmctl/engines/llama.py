@@ -22,6 +22,7 @@ from typing import Any
 
 from llmctl.engines import chat_template
 from llmctl.engines.base import (
+    MAX_SEED,
     Done,
     Event,
     GenerationOptions,
@@ -32,10 +33,15 @@ from llmctl.engines.base import (
     default_context,
 )
 from llmctl.errors import EngineFailure, EngineUnavailable, UsageError
-from llmctl.resources import peak_memory_bytes, usable_cpu_count
+from llmctl.resources import CpuSample, default_threads, peak_memory_bytes, sample_cpu
 
 MAX_BATCH = 2048
 PIECE_BUFFER = 256
+# With the default thread count, a reply that starts this long after the last one ended
+# (a person typing in `chat`) first looks again at what other processes keep busy: over
+# the pause, or over a fresh tenth of a second when the pause is older than RECENT.
+RECHECK_AFTER = 1.0
+RECENT = 5.0
 
 # The last lines llama.cpp logged, so that a failure can say what llama.cpp said.
 _recent_log: collections.deque[str] = collections.deque(maxlen=20)
@@ -76,6 +82,8 @@ class LlamaEngine:
     name = "llama"
 
     def __init__(self, path: Path, options: LoadOptions):
+        # What other processes do while the model loads decides the default thread count.
+        since = sample_cpu() if options.threads is None else None
         lib = _library()
         self.lib = lib
         started = time.perf_counter()
@@ -85,8 +93,24 @@ class LlamaEngine:
         if not self.model:
             raise EngineFailure(f"llama.cpp could not load {path}{_llama_said()}")
         trained = lib.llama_model_n_ctx_train(self.model)
+        try:
+            # The command has checked already; a library caller gets the same bounds.
+            options, _ = options.validate(trained if trained > 0 else None)
+        except UsageError:
+            lib.llama_model_free(self.model)
+            self.model = None
+            raise
         n_ctx = default_context(options.context_length, trained)
-        threads = options.threads or usable_cpu_count()
+        # The default leaves out the cores other processes keep busy. llama.cpp's threads
+        # wait for each other at every operation, so one queueing for a CPU stalls them all:
+        # with one of 2 cores busy elsewhere, 2 threads generated 23 tokens/s where 1 made
+        # 65 (benchmarks/contention.py; issue 10 saw 0.34). Lowering llama.cpp's polling
+        # does not cure it here: the PyPI build uses OpenMP (GCC on Linux), which ignores
+        # the threadpool's `poll` level (llama-cpp-python 0.3 binds no
+        # llama_attach_threadpool anyway), and OpenMP's own spinning, GOMP_SPINCOUNT from
+        # 300 to 300000, left 2 contended threads at 9-39 tokens/s and cost idle speed.
+        self.auto_threads = options.threads is None
+        threads = options.threads or default_threads(since)[0]
         ctx_params = lib.llama_context_default_params()
         ctx_params.n_ctx = n_ctx
         ctx_params.n_batch = min(n_ctx, MAX_BATCH)
@@ -95,11 +119,15 @@ class LlamaEngine:
         self.ctx = lib.llama_init_from_model(self.model, ctx_params)
         if not self.ctx:
             lib.llama_model_free(self.model)
+            self.model = None
             raise EngineFailure(f"llama.cpp could not create a context of {n_ctx} tokens"
                                 f"{_llama_said()}; try a smaller --ctx")
         self.vocab = lib.llama_model_get_vocab(self.model)
         self._piece = ctypes.create_string_buffer(PIECE_BUFFER)
-        self.n_ctx = lib.llama_n_ctx(self.ctx)
+        # llama.cpp pads the context it allocates (to 256 cells: --ctx 16 gets 256); the
+        # context asked for is the one kept to, so that prompts, replies and chat's history
+        # fit what was asked, and what is reported is what is used.
+        self.n_ctx = min(n_ctx, lib.llama_n_ctx(self.ctx))
         self.n_batch = ctx_params.n_batch
         self.threads = threads
         template = lib.llama_model_chat_template(self.model, None)
@@ -108,6 +136,21 @@ class LlamaEngine:
         self.eos_text = self._special_text(lib.llama_vocab_eos(self.vocab))
         self._warm_up()
         self.load_seconds = time.perf_counter() - started
+        self._idle_since: CpuSample | None = sample_cpu() if self.auto_threads else None
+
+    def _recheck_threads(self) -> None:
+        """With the default thread count, follow what other processes do between replies:
+        one started since the last reply takes a core from us, one that ended gives it
+        back. The window is the time between replies, when this process is idle."""
+        since = self._idle_since
+        if since is None or (pause := time.monotonic() - since.at) < RECHECK_AFTER:
+            return
+        if pause > RECENT:  # what runs now, not an average since the last reply
+            since = sample_cpu() or since
+        threads, _ = default_threads(since)
+        if threads != self.threads:
+            self.lib.llama_set_n_threads(self.ctx, threads, threads)
+            self.threads = threads
 
     def _warm_up(self) -> None:
         """Decode one token and forget it, as llama.cpp's own tools do after loading: the
@@ -171,8 +214,10 @@ class LlamaEngine:
         if options.min_p > 0:
             lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_min_p(options.min_p, 1))
         lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_temp(options.temperature))
-        seed = options.seed if options.seed is not None else secrets.randbits(32)
-        lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+        # A seed of our own when none is given, never llama.cpp's "random" value, so that
+        # every seed the sampler gets is one the user could have passed.
+        seed = options.seed if options.seed is not None else secrets.randbelow(MAX_SEED + 1)
+        lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_dist(seed))
         return chain
 
     def _decode(self, tokens: ctypes.Array, count: int) -> None:
@@ -199,11 +244,13 @@ class LlamaEngine:
     def generate_from_tokens(self, tokens: list[int], options: GenerationOptions
                              ) -> Iterator[Event]:
         lib = self.lib
+        options.validate()
         if len(tokens) >= self.n_ctx:
             raise UsageError(
                 f"the prompt is {len(tokens)} tokens but the context holds {self.n_ctx}",
                 hint="raise --ctx or shorten the prompt",
             )
+        self._recheck_threads()
         lib.llama_memory_clear(lib.llama_get_memory(self.ctx), True)
         sampler = self._sampler(options)
         budget = self.n_ctx - len(tokens)
@@ -249,6 +296,8 @@ class LlamaEngine:
                 yield Token(tail)  # bytes of an unfinished character, as U+FFFD
         finally:
             lib.llama_sampler_free(sampler)
+            if self.auto_threads:
+                self._idle_since = sample_cpu()
         yield Done(Stats(
             prompt_tokens=len(tokens),
             generated_tokens=generated,

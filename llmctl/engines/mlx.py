@@ -25,6 +25,7 @@ from typing import Any
 
 from llmctl.engines import chat_template
 from llmctl.engines.base import (
+    MAX_SEED,
     Done,
     Event,
     GenerationOptions,
@@ -75,7 +76,11 @@ class MlxEngine:
             self._upcast_half_precision()
         self._wired_limit = self._wire_weights()
         trained = _trained_context(config)
+        # The same bounds as the llama engine (the command has checked already). Threads
+        # do not apply: MLX sizes its own CPU work.
+        options, _ = options.validate(trained or None)
         self.n_ctx = default_context(options.context_length, trained)
+        self.vocabulary = _vocabulary(config)
         self.eos_ids = set(self.tokenizer.eos_token_ids)
         self._warm_up()
         self.load_seconds = time.perf_counter() - started
@@ -141,6 +146,7 @@ class MlxEngine:
                              ) -> Iterator[Event]:
         lib = self.lib
         mx = lib.mx
+        options.validate()
         if len(tokens) >= self.n_ctx:
             raise UsageError(
                 f"the prompt is {len(tokens)} tokens but the context holds {self.n_ctx}",
@@ -150,10 +156,13 @@ class MlxEngine:
         if options.max_tokens is not None:
             budget = min(budget, options.max_tokens)
         if options.temperature > 0:
-            seed = options.seed if options.seed is not None else secrets.randbits(32)
-            mx.random.seed(seed & 0xFFFFFFFF)
+            seed = options.seed if options.seed is not None else secrets.randbelow(MAX_SEED + 1)
+            mx.random.seed(seed)
+        # mlx-lm raises for a top-k of the vocabulary or more; keeping that many tokens is
+        # keeping them all, which top_k=0 says.
+        top_k = 0 if self.vocabulary and options.top_k >= self.vocabulary else options.top_k
         sampler = lib.make_sampler(temp=options.temperature, top_p=options.top_p,
-                                   min_p=options.min_p, top_k=options.top_k)
+                                   min_p=options.min_p, top_k=top_k)
         detokenizer = self.tokenizer.detokenizer
         eos = frozenset() if options.ignore_eos else self.eos_ids
         generated = 0
@@ -213,6 +222,13 @@ class MlxEngine:
 def _trained_context(config: dict[str, Any]) -> int:
     text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
     value = config.get("max_position_embeddings") or text.get("max_position_embeddings")
+    return value if isinstance(value, int) else 0
+
+
+def _vocabulary(config: dict[str, Any]) -> int:
+    """The width of the model's output (its logits): what top-k is taken over."""
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    value = config.get("vocab_size") or text.get("vocab_size")
     return value if isinstance(value, int) else 0
 
 
