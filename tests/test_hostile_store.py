@@ -553,3 +553,24 @@ def test_concurrent_pulls_under_one_new_name_store_it_once(
         thread.join()
     assert sorted(r.returncode for r in results) == [0, 2]
     assert sandbox.stored(llmctl) == ["race:latest"]
+
+
+@pytest.mark.parametrize("name, tag", [("../x", "latest"), ("a/b/c", "latest"),
+                                       ("x", "../latest"), ("X", "latest")])
+def test_catalog_entry_names_become_no_paths(name: str, tag: str) -> None:
+    from llmctl.errors import UsageError
+    from llmctl.store.catalog import check_entry
+
+    raw = {"name": name, "tag": tag, "kind": "text", "engine": "llama", "format": "gguf",
+           "sources": [{"type": "url", "url": "https://h/x.gguf"}]}
+    with pytest.raises(UsageError, match="name and tag"):
+        check_entry(raw)
+
+
+def test_a_download_id_is_no_path(tmp_path: Path) -> None:
+    from llmctl.errors import InvalidName
+    from llmctl.store import download
+
+    with pytest.raises(InvalidName):
+        download.remove_partial(StoreLayout(tmp_path), "../../x")
+    assert not list(tmp_path.iterdir())
