@@ -8,7 +8,7 @@ settings, on an idle machine and with one CPU kept busy by another process, in o
 left where the scheduler puts it, as any other program would be) a second before llmctl
 starts, and stop it when llmctl ends. llama.cpp's threads meet at a barrier after every
 operation, so a thread that must queue for a CPU holds the others up hundreds of times per
-token: the default has to notice the busy CPU (llmctl.resources.free_threads).
+token: the default has to notice the busy CPU (llmctl.host.free_threads).
 
 Each repetition runs every (condition, setting) pair once, each in a fresh process, in a
 shuffled order, so that machine noise hits them alike. The table gives the best and the
@@ -33,7 +33,7 @@ from pathlib import Path
 
 from repetitions import Samples, ratio_rows, run_shuffled
 
-from llmctl.resources import cpu_limit
+from llmctl.host import cpu_limit
 
 BIN = Path(sys.executable).parent
 FILLER = ("The quick brown fox jumps over the lazy dog while the farmer counts his sheep "

@@ -17,7 +17,7 @@ counted). The estimate errs on the high side on purpose: running out of memory c
 swap storm or an OOM kill, a refusal costs `--force`.
 
 A model is refused when `need` is above SHARE of the memory this process may use
-(`llmctl.resources.usable_memory_bytes`: RAM capped by cgroup limits, or
+(`llmctl.host.usable_memory_bytes`: RAM capped by cgroup limits, or
 LLMCTL_MEMORY_LIMIT), leaving the rest to the system and other programs.
 """
 
@@ -31,7 +31,7 @@ from typing import Any
 
 from llmctl.engines.base import default_context
 from llmctl.errors import InsufficientResources
-from llmctl.resources import MEMORY_LIMIT_ENV, usable_memory_bytes
+from llmctl.host import MEMORY_LIMIT_ENV, usable_memory_bytes
 
 SHARE = 0.9
 OVERHEAD = 64 * 1024**2

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 from conftest import Runner, error_line
 
-from llmctl.resources import parse_size, usable_memory_bytes
+from llmctl.host import usable_memory_bytes
 from llmctl.store.catalog import Catalog, quantization_in
 from llmctl.store.user_catalog import registry_reference
+from llmctl.units import parse_size
 
 SHA = "ab" * 32
 URL = "https://models.example.com/files/My-Model-Q4_K_M.gguf"

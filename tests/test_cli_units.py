@@ -9,8 +9,9 @@ import pytest
 
 from llmctl import errors
 from llmctl.cli import errors as table
-from llmctl.cli.output import Output, format_age, format_bytes, format_count
+from llmctl.cli.output import Output
 from llmctl.engines import registry
+from llmctl.units import format_age, format_bytes, format_count
 
 
 @pytest.mark.parametrize("exc, code, words", [

@@ -20,11 +20,11 @@ import pytest
 from conftest import PARIS, Runner, llmctl_executable
 from hostile import Sandbox, one_line_error
 
-from llmctl import resources
+from llmctl import host
 from llmctl.engines import base
 from llmctl.engines.base import GenerationOptions, LoadOptions
 from llmctl.errors import UsageError
-from llmctl.resources import CpuSample
+from llmctl.host import CpuSample
 
 TRAINED = 8192  # SmolLM2-135M's llama.context_length
 
@@ -106,7 +106,7 @@ def test_the_engine_refuses_a_wrapping_context_from_a_library_caller(smollm2_ggu
     engine = llama.load(smollm2_gguf, LoadOptions(context_length=16, threads=10_000))
     try:
         assert engine.context_length == 16
-        assert engine.threads == resources.cpu_limit()
+        assert engine.threads == host.cpu_limit()
     finally:
         engine.close()
 
@@ -119,7 +119,7 @@ def test_too_many_threads_are_clamped_with_a_note(llmctl: Runner, sandbox: Sandb
                     "--verbose", PARIS)
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout
-    limit = resources.cpu_limit()
+    limit = host.cpu_limit()
     assert (f"note: --threads 10000 is more than the {limit} CPUs this process may use; "
             f"using {limit}") in result.stderr
     assert f"threads:           {limit}\n" in result.stderr
@@ -130,7 +130,7 @@ def test_the_default_thread_count_is_reported(llmctl: Runner, sandbox: Sandbox,
     result = llmctl("run", str(gguf_copy), "--temperature", "0", "--verbose", PARIS)
     assert result.returncode == 0, result.stderr
     used = [line for line in result.stderr.splitlines() if line.startswith("threads:")]
-    assert len(used) == 1 and 1 <= int(used[0].split()[-1]) <= resources.usable_cpu_count()
+    assert len(used) == 1 and 1 <= int(used[0].split()[-1]) <= host.usable_cpu_count()
     assert "note:" not in result.stderr
 
 
@@ -234,11 +234,11 @@ def test_a_zero_memory_limit_is_an_error_not_unset(llmctl: Runner, sandbox: Sand
 def test_memory_limit_rules(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LLMCTL_MEMORY_LIMIT", "0")
     with pytest.raises(UsageError, match="leaves no memory"):
-        resources.usable_memory_bytes()
+        host.usable_memory_bytes()
     monkeypatch.setenv("LLMCTL_MEMORY_LIMIT", "1")  # one byte is a limit: everything refused
-    assert resources.usable_memory_bytes() == 1
+    assert host.usable_memory_bytes() == 1
     monkeypatch.setenv("LLMCTL_MEMORY_LIMIT", "")  # empty is unset, as for any variable
-    assert resources.usable_memory_bytes() != 0
+    assert host.usable_memory_bytes() != 0
 
 
 # -- stdin ---------------------------------------------------------------------------------
@@ -285,14 +285,14 @@ def test_run_with_stdin_closed_answers_its_argument(sandbox: Sandbox, gguf_copy:
 # -- free cores: the default thread count --------------------------------------------------
 
 def test_cpu_max_parsing() -> None:
-    assert resources.parse_cpu_max("max 100000\n") is None
-    assert resources.parse_cpu_max("150000 100000\n") == 1.5
-    assert resources.parse_cpu_max("200000") == 2.0  # the period defaults to 100000
-    assert resources.parse_cpu_max("") is None
-    assert resources.parse_cpu_max("lots 100000") is None
-    assert resources.parse_cpu_max("0 100000") is None
-    assert resources.parse_cfs_quota("-1\n", "100000\n") is None
-    assert resources.parse_cfs_quota("50000\n", "100000\n") == 0.5
+    assert host.parse_cpu_max("max 100000\n") is None
+    assert host.parse_cpu_max("150000 100000\n") == 1.5
+    assert host.parse_cpu_max("200000") == 2.0  # the period defaults to 100000
+    assert host.parse_cpu_max("") is None
+    assert host.parse_cpu_max("lots 100000") is None
+    assert host.parse_cpu_max("0 100000") is None
+    assert host.parse_cfs_quota("-1\n", "100000\n") is None
+    assert host.parse_cfs_quota("50000\n", "100000\n") == 0.5
 
 
 def test_cpu_quota_is_the_tightest_along_the_cgroup_path(
@@ -304,30 +304,30 @@ def test_cpu_quota_is_the_tightest_along_the_cgroup_path(
     (parent / "cpu.max").write_text("300000 100000\n")
     (v1 / "cpu.cfs_quota_us").write_text("250000\n")
     (v1 / "cpu.cfs_period_us").write_text("100000\n")
-    monkeypatch.setattr(resources, "_cgroup_folders",
+    monkeypatch.setattr(host, "_cgroup_folders",
                         lambda controller: [(leaf, 2), (parent, 2), (v1, 1),
                                             (tmp_path / "missing", 2)])
-    assert resources.cpu_quota() == 2.5
-    monkeypatch.setattr(resources, "_cgroup_folders", lambda controller: [(leaf, 2)])
-    assert resources.cpu_quota() is None
+    assert host.cpu_quota() == 2.5
+    monkeypatch.setattr(host, "_cgroup_folders", lambda controller: [(leaf, 2)])
+    assert host.cpu_quota() is None
 
 
 def test_affinity_and_quota_bound_the_thread_limit(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(resources, "allowed_cpus", lambda: set(range(8)))
-    monkeypatch.setattr(resources, "physical_cores", lambda cpus: len(cpus) // 2)
-    monkeypatch.setattr(resources, "cpu_quota", lambda: None)
-    assert (resources.cpu_limit(), resources.usable_cpu_count()) == (8, 4)
-    monkeypatch.setattr(resources, "cpu_quota", lambda: 1.5)  # rounded up: 2 CPUs' worth
-    assert (resources.cpu_limit(), resources.usable_cpu_count()) == (2, 2)
-    monkeypatch.setattr(resources, "cpu_quota", lambda: 0.2)
-    assert (resources.cpu_limit(), resources.usable_cpu_count()) == (1, 1)
-    monkeypatch.setattr(resources, "cpu_quota", lambda: None)
-    monkeypatch.setattr(resources, "allowed_cpus", lambda: set(range(1000)))
-    assert resources.cpu_limit() == resources.MAX_THREADS  # ggml's own maximum
+    monkeypatch.setattr(host, "allowed_cpus", lambda: set(range(8)))
+    monkeypatch.setattr(host, "physical_cores", lambda cpus: len(cpus) // 2)
+    monkeypatch.setattr(host, "cpu_quota", lambda: None)
+    assert (host.cpu_limit(), host.usable_cpu_count()) == (8, 4)
+    monkeypatch.setattr(host, "cpu_quota", lambda: 1.5)  # rounded up: 2 CPUs' worth
+    assert (host.cpu_limit(), host.usable_cpu_count()) == (2, 2)
+    monkeypatch.setattr(host, "cpu_quota", lambda: 0.2)
+    assert (host.cpu_limit(), host.usable_cpu_count()) == (1, 1)
+    monkeypatch.setattr(host, "cpu_quota", lambda: None)
+    monkeypatch.setattr(host, "allowed_cpus", lambda: set(range(1000)))
+    assert host.cpu_limit() == host.MAX_THREADS  # ggml's own maximum
 
 
 def test_load_options_clamp_threads_to_the_limit(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(resources, "cpu_limit", lambda: 3)
+    monkeypatch.setattr(host, "cpu_limit", lambda: 3)
     options, notes = LoadOptions(threads=10_000).validate(TRAINED)
     assert options.threads == 3 and notes == [
         "--threads 10000 is more than the 3 CPUs this process may use; using 3"]
@@ -349,11 +349,11 @@ intr 1 2 3
 
 def test_proc_stat_counts_only_the_allowed_cpus() -> None:
     # busy = user + nice + system + irq + softirq + steal; idle and iowait are not busy.
-    assert resources.parse_proc_stat(PROC_STAT, {0}) == (125, 200, 1)
-    assert resources.parse_proc_stat(PROC_STAT, {0, 1}) == (365, 715, 2)
-    assert resources.parse_proc_stat(PROC_STAT, None) == (365, 715, 3)
-    assert resources.parse_proc_stat(PROC_STAT, {7}) is None
-    assert resources.parse_proc_stat("", None) is None
+    assert host.parse_proc_stat(PROC_STAT, {0}) == (125, 200, 1)
+    assert host.parse_proc_stat(PROC_STAT, {0, 1}) == (365, 715, 2)
+    assert host.parse_proc_stat(PROC_STAT, None) == (365, 715, 3)
+    assert host.parse_proc_stat(PROC_STAT, {7}) is None
+    assert host.parse_proc_stat("", None) is None
 
 
 def sample(busy: int, total: int, own: float, at: float, cpus: int = 2) -> CpuSample:
@@ -363,9 +363,9 @@ def sample(busy: int, total: int, own: float, at: float, cpus: int = 2) -> CpuSa
 def test_busy_elsewhere_subtracts_this_process() -> None:
     # 1 s on 2 CPUs (200 ticks), 150 of them busy, 0.5 s of it ours: others kept 1 CPU.
     before, after = sample(0, 0, 0.0, 10.0), sample(150, 200, 0.5, 11.0)
-    assert resources.busy_elsewhere(before, after) == pytest.approx(1.0)
-    assert resources.busy_elsewhere(before, sample(150, 200, 2.0, 11.0)) == 0.0  # never < 0
-    assert resources.busy_elsewhere(before, sample(1, 2, 0.0, 10.01)) is None  # too short
+    assert host.busy_elsewhere(before, after) == pytest.approx(1.0)
+    assert host.busy_elsewhere(before, sample(150, 200, 2.0, 11.0)) == 0.0  # never < 0
+    assert host.busy_elsewhere(before, sample(1, 2, 0.0, 10.01)) is None  # too short
 
 
 @pytest.mark.parametrize(("cores", "cpus", "busy", "threads"), [
@@ -379,40 +379,40 @@ def test_busy_elsewhere_subtracts_this_process() -> None:
     (4, 8, 6.0, 2),
 ])
 def test_free_threads(cores: int, cpus: int, busy: float | None, threads: int) -> None:
-    assert resources.free_threads(cores, cpus, busy) == threads
+    assert host.free_threads(cores, cpus, busy) == threads
 
 
 def test_default_threads_from_cpu_counters_or_the_load_average(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(resources, "usable_cpu_count", lambda: 2)
-    monkeypatch.setattr(resources, "cpu_limit", lambda: 2)
+    monkeypatch.setattr(host, "usable_cpu_count", lambda: 2)
+    monkeypatch.setattr(host, "cpu_limit", lambda: 2)
     clock = {"now": 100.0}
     slept = []
-    monkeypatch.setattr(resources.time, "monotonic", lambda: clock["now"])
-    monkeypatch.setattr(resources.time, "sleep", slept.append)
+    monkeypatch.setattr(host.time, "monotonic", lambda: clock["now"])
+    monkeypatch.setattr(host.time, "sleep", slept.append)
     # A window as long as the load: others kept one CPU busy.
-    monkeypatch.setattr(resources, "sample_cpu", lambda: sample(150, 200, 0.5, 101.0))
+    monkeypatch.setattr(host, "sample_cpu", lambda: sample(150, 200, 0.5, 101.0))
     clock["now"] = 101.0
-    assert resources.default_threads(sample(0, 0, 0.0, 100.0)) == (1, pytest.approx(1.0))
+    assert host.default_threads(sample(0, 0, 0.0, 100.0)) == (1, pytest.approx(1.0))
     assert slept == []
     # A model that loaded in 20 ms: the rest of the shortest window is waited out.
     clock["now"] = 100.02
-    resources.default_threads(sample(0, 0, 0.0, 100.0))
-    assert slept == [pytest.approx(resources.MIN_WINDOW - 0.02)]
+    host.default_threads(sample(0, 0, 0.0, 100.0))
+    assert slept == [pytest.approx(host.MIN_WINDOW - 0.02)]
     # Without CPU counters (macOS): the 1-minute load average.
     monkeypatch.setattr(os, "getloadavg", lambda: (1.2, 0.5, 0.1))
-    assert resources.default_threads(None) == (1, 1.2)
+    assert host.default_threads(None) == (1, 1.2)
     monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 0.5, 0.1))
-    assert resources.default_threads(None) == (2, 0.1)
+    assert host.default_threads(None) == (2, 0.1)
 
 
 def test_a_real_sample_of_this_machine() -> None:
-    first = resources.sample_cpu()
+    first = host.sample_cpu()
     if first is None:
         pytest.skip("no /proc/stat here")
     assert 1 <= first.cpus <= (os.cpu_count() or 1) and 0 <= first.busy <= first.total
-    threads, busy = resources.default_threads(first)
-    assert 1 <= threads <= resources.usable_cpu_count() and busy is not None and busy >= 0
+    threads, busy = host.default_threads(first)
+    assert 1 <= threads <= host.usable_cpu_count() and busy is not None and busy >= 0
 
 
 def test_the_default_follows_other_processes_between_replies(

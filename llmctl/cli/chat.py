@@ -9,7 +9,8 @@ import typer
 
 from llmctl.cli import run as shared  # the options chat shares with run
 from llmctl.cli.common import JsonOpt, complete_model
-from llmctl.cli.output import Output, format_age
+from llmctl.cli.output import Output
+from llmctl.units import format_age
 
 if TYPE_CHECKING:
     from llmctl.chat import ChatSession, ConversationStore

@@ -8,8 +8,9 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from llmctl.cli.common import JsonOpt, ModelArg
-from llmctl.cli.output import Output, format_bytes
+from llmctl.cli.output import Output
 from llmctl.convert.attention import AttentionImplementation  # an enum; no torch
+from llmctl.units import format_bytes
 
 if TYPE_CHECKING:
     from llmctl.convert.coreml_sd import CoremlOptions

@@ -46,7 +46,7 @@ def _verification(e: errors.VerificationFailed) -> str:
 
 
 def _resources(e: errors.InsufficientResources) -> str:
-    from llmctl.cli.output import format_bytes
+    from llmctl.units import format_bytes
 
     where = f" in {e.where}" if e.where else ""
     text = (f"not enough {e.what}{where}: need {format_bytes(e.need)}, "

@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from llmctl.cli.common import JsonOpt, complete_model
-from llmctl.cli.output import Output, format_bytes, step_progress
+from llmctl.cli.output import Output, step_progress
+from llmctl.units import format_bytes
 
 if TYPE_CHECKING:
     from llmctl.engines.image import ImageEngine, ImageLoadOptions

@@ -9,7 +9,8 @@ from typing import Annotated
 import typer
 
 from llmctl.cli.common import JsonOpt, QuietOpt
-from llmctl.cli.output import Output, format_bytes
+from llmctl.cli.output import Output
+from llmctl.units import format_bytes
 
 
 class Source(StrEnum):

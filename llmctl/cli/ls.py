@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from llmctl.cli.common import JsonOpt, QuietOpt
-from llmctl.cli.output import Output, format_age, format_bytes
+from llmctl.cli.output import Output
+from llmctl.units import format_age, format_bytes
 
 if TYPE_CHECKING:
     from llmctl.store.catalog import AvailableModel

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TextIO
+
+from llmctl.units import format_seconds
 
 
 def is_terminal(stream: TextIO) -> bool:
@@ -22,33 +23,10 @@ def is_terminal(stream: TextIO) -> bool:
         return False
 
 
-def format_bytes(size: float) -> str:
-    """Decimal units, as Ollama and the Hub show sizes: 98 MB, 4.7 GB."""
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(size) < 1000 or unit == "TB":
-            if unit == "B":
-                return f"{int(size)} B"
-            return f"{size:.0f} {unit}" if abs(size) >= 100 else f"{size:.1f} {unit}"
-        size /= 1000
-    raise AssertionError("unreachable")
 
 
-def format_count(count: float) -> str:
-    """Parameter counts: 134.5M, 1.2B."""
-    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if count >= scale:
-            return f"{count / scale:.1f}{unit}"
-    return str(int(count))
 
 
-def format_age(timestamp: float, now: float | None = None) -> str:
-    seconds = max(0, int((now or time.time()) - timestamp))
-    for unit, span in (("year", 365 * 86400), ("month", 30 * 86400), ("week", 7 * 86400),
-                       ("day", 86400), ("hour", 3600), ("minute", 60)):
-        if seconds >= span:
-            n = seconds // span
-            return f"{n} {unit}{'s' if n > 1 else ''} ago"
-    return "just now"
 
 
 class Output:
@@ -174,14 +152,6 @@ def _rich_progress(stream: TextIO) -> Iterator[Callable[[str, str, int, int], No
         yield report
 
 
-def format_seconds(seconds: float) -> str:
-    """2.4s, 1m05s, 1h02m."""
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    minutes, secs = divmod(int(seconds), 60)
-    if minutes < 60:
-        return f"{minutes}m{secs:02d}s"
-    return f"{minutes // 60}h{minutes % 60:02d}m"
 
 
 @contextmanager

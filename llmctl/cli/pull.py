@@ -7,7 +7,8 @@ from typing import Annotated
 import typer
 
 from llmctl.cli.common import JsonOpt, QuietOpt, complete_model
-from llmctl.cli.output import Output, format_bytes
+from llmctl.cli.output import Output
+from llmctl.units import format_bytes
 
 
 def _rate(text: str) -> int:

@@ -7,7 +7,8 @@ from typing import Annotated
 import typer
 
 from llmctl.cli.common import complete_stored_model
-from llmctl.cli.output import Output, format_bytes, is_terminal
+from llmctl.cli.output import Output, is_terminal
+from llmctl.units import format_bytes
 
 
 def rm(

@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from llmctl.cli.common import JsonOpt, ModelArg
-from llmctl.cli.output import Output, format_bytes
+from llmctl.cli.output import Output
+from llmctl.units import format_bytes
 
 if TYPE_CHECKING:
     from llmctl.engines.base import Stats, TextEngine

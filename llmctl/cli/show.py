@@ -7,7 +7,8 @@ from typing import Annotated
 import typer
 
 from llmctl.cli.common import JsonOpt, ModelArg
-from llmctl.cli.output import Output, format_bytes, format_count
+from llmctl.cli.output import Output
+from llmctl.units import format_bytes, format_count
 
 
 def show(

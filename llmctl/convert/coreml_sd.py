@@ -311,8 +311,8 @@ def conversion_memory(pipeline: Pipeline) -> int:
 
 
 def _memory_warning(pipeline: Pipeline) -> str | None:
+    from llmctl.host import usable_memory_bytes
     from llmctl.memory import SHARE
-    from llmctl.resources import usable_memory_bytes
 
     need, usable = conversion_memory(pipeline), usable_memory_bytes()
     if not usable or need <= usable * SHARE:
@@ -769,7 +769,7 @@ def _require_apple() -> None:
 
 
 def _size(size: int) -> str:
-    from llmctl.cli.output import format_bytes  # a pure function; no terminal involved
+    from llmctl.units import format_bytes
 
     return format_bytes(size)
 

@@ -59,7 +59,7 @@ class LoadOptions:
         A context outside MIN_CONTEXT..the model's trained context (MAX_CONTEXT when the
         model does not say) is refused: beyond its trained length a model writes nonsense,
         and past 32 bits llama.cpp aborts. More threads than this process may run at once
-        are lowered to that many (`llmctl.resources.cpu_limit`), with a note: the extra
+        are lowered to that many (`llmctl.host.cpu_limit`), with a note: the extra
         threads could only wait for a CPU, and slow every other thread down while they do.
         """
         ctx = self.context_length
@@ -80,7 +80,7 @@ class LoadOptions:
             if threads < 1:
                 raise UsageError(f"--threads {threads} is below 1", hint="use --threads 1 or "
                                  "more, or leave it out to use the cores that are free")
-            from llmctl.resources import cpu_limit
+            from llmctl.host import cpu_limit
 
             if threads > (most := cpu_limit()):
                 notes.append(f"--threads {threads} is more than the {most} CPUs this process "

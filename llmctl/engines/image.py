@@ -179,8 +179,8 @@ def check_image_fits(folder: Path, width: int, height: int, upcast: bool, force:
                      ) -> tuple[ImageMemoryEstimate, int | None]:
     """Refuse (exit 5) a model whose estimate is above the share of memory llmctl plans
     for, as `run` does (llmctl.memory); `force` loads anyway and the caller warns."""
+    from llmctl.host import usable_memory_bytes
     from llmctl.memory import SHARE
-    from llmctl.resources import usable_memory_bytes
 
     estimate = estimate_image_memory(folder, width, height, upcast)
     usable = usable_memory_bytes()

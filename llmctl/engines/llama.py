@@ -33,7 +33,7 @@ from llmctl.engines.base import (
     default_context,
 )
 from llmctl.errors import EngineFailure, EngineUnavailable, UsageError
-from llmctl.resources import CpuSample, default_threads, peak_memory_bytes, sample_cpu
+from llmctl.host import CpuSample, default_threads, peak_memory_bytes, sample_cpu
 
 MAX_BATCH = 2048
 PIECE_BUFFER = 256

@@ -36,7 +36,7 @@ from llmctl.engines.base import (
     default_context,
 )
 from llmctl.errors import EngineFailure, EngineUnavailable, UsageError
-from llmctl.resources import peak_memory_bytes
+from llmctl.host import peak_memory_bytes
 
 
 @lru_cache(maxsize=1)

@@ -448,14 +448,14 @@ class AvailableModel:
 @dataclass(frozen=True)
 class Availability:
     models: list[AvailableModel]
-    memory: int | None  # bytes this process may use (see llmctl.resources)
+    memory: int | None  # bytes this process may use (see llmctl.host)
 
 
 def available(catalog: Catalog, layout: StoreLayout, *, engine: str | None = None,
               kind: str | None = None, fits: bool = False) -> Availability:
     """Catalog models, filtered by engine and kind; with `fits`, only those known to fit
     in the memory this process may use."""
-    from llmctl.resources import usable_memory_bytes
+    from llmctl.host import usable_memory_bytes
     from llmctl.store.manifest import iter_manifests
 
     if kind is not None and kind not in KINDS:

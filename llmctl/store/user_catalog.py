@@ -371,7 +371,7 @@ def build_entry(text: str, *, url: str | None = None, hf: str | None = None,
                 size: str | int = 0, min_ram: str | int = 0,
                 description: str = "") -> CatalogEntry:
     """The entry `llmctl catalog add` describes, checked: one source, a URL or a Hub repo."""
-    from llmctl.resources import parse_size
+    from llmctl.units import parse_size
 
     if bool(url) == bool(hf):
         raise UsageError("give exactly one source: --url URL or --hf ORG/REPO")

@@ -1,4 +1,5 @@
-"""What this machine lets the process use: CPU cores, memory."""
+"""The machine llmctl runs on: the CPUs and the memory this process may use, and how
+much of them other processes leave free."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from llmctl.units import parse_size
 
 # -- CPUs ----------------------------------------------------------------------------------
 
@@ -221,20 +224,8 @@ def peak_memory_bytes() -> int:
 
 
 MEMORY_LIMIT_ENV = "LLMCTL_MEMORY_LIMIT"
-_SCALE = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
 
 
-def parse_size(text: str) -> int:
-    """Bytes from "1073741824", "8G", "512MB", "1.5GiB". K, M, G, T are powers of 1000, as
-    llmctl prints sizes (and as the Hub and Ollama do); Ki, Mi, Gi, Ti are powers of 1024.
-    ValueError when unreadable."""
-    import re
-
-    found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(?:([kmgt])(i?)b?|b)?\s*", text.lower())
-    if not found:
-        raise ValueError(f"'{text}' is not a size")
-    base = 1024 if found[3] else 1000
-    return round(float(found[1]) * base ** _SCALE[found[2] or ""])
 
 
 def usable_memory_bytes() -> int | None:
