@@ -80,7 +80,7 @@ def test_registry_chooses_by_format_and_checks_overrides() -> None:
 
 
 def test_a_missing_engine_library_names_the_install_command() -> None:
-    spec = registry.EngineSpec("ghost", "llmctl.engines.ghost", "text", ("gguf",),
+    spec = registry.EngineSpec("ghost", "llmctl.engines.ghost", "text",
                                "no_such_module_for_llmctl", "pip install 'llmctl[ghost]'")
     with pytest.raises(errors.EngineUnavailable) as caught:
         registry.check_available(spec)

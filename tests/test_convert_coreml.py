@@ -714,7 +714,7 @@ def test_options_choose_chunking_and_tags() -> None:
 def test_memory_is_estimated_and_warned_about(tiny_sd: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     from llmctl.convert.coreml_sd import MEMORY_BASE, _memory_warning, conversion_memory
-    from llmctl.store.models import safetensors_tensors
+    from llmctl.formats.safetensors import tensors as safetensors_tensors
 
     pipeline = Pipeline(tiny_sd, "tiny-sd", None, tiny_sd / "tokenizer" / "vocab.json")
     unet = sum(n for _, n in safetensors_tensors(

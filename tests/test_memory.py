@@ -13,7 +13,7 @@ from conftest import PARIS, Runner, error_line
 from llmctl import memory
 from llmctl.engines.base import default_context
 from llmctl.errors import InsufficientResources
-from llmctl.store.gguf_header import read_header
+from llmctl.formats.gguf import read_header
 
 MIB = 1024**2
 

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from llmctl.errors import VerificationFailed
+from llmctl.formats.gguf import read_header
 from llmctl.store import manifest as manifests
 from llmctl.store.blobs import BlobStore, sha256_file
 from llmctl.store.catalog import Catalog
-from llmctl.store.gguf_header import read_header
 from llmctl.store.layout import StoreLayout, write_atomically
 from llmctl.store.manifest import Manifest, ManifestFile
 from llmctl.store.models import plan_removal, remove

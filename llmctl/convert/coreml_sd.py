@@ -49,13 +49,14 @@ from typing import Any
 from llmctl.convert import result_name
 from llmctl.convert.attention import MIN_PSNR_DB, QUERY_CHUNK_SIZE, AttentionImplementation
 from llmctl.errors import EngineFailure, LlmctlError, UsageError, VerificationFailed
+from llmctl.formats import ModelFormat
 from llmctl.store import manifest as manifests
 from llmctl.store.catalog import Catalog
 from llmctl.store.layout import StoreLayout, write_atomically
 from llmctl.store.manifest import Manifest
 from llmctl.store.names import NameRef, find_stored, parse_reference
 from llmctl.store.pull import OnEvent, PullEvent, Runnable, register, runnable
-from llmctl.store.sources import LocalFiles, ModelFormat
+from llmctl.store.sources import LocalFiles
 
 CORE_ML = ModelFormat("image", "coreml", "coreml")
 # Resource names Apple's pipelines look for.
@@ -296,7 +297,7 @@ MEMORY_BASE = 700_000_000
 def conversion_memory(pipeline: Pipeline) -> int:
     """The peak memory the conversion is expected to need: its largest component's."""
     from llmctl.convert.coreml_export import weight_files
-    from llmctl.store.models import safetensors_tensors
+    from llmctl.formats.safetensors import tensors as safetensors_tensors
 
     largest = 0
     for component in ("unet", "text_encoder", "vae", "safety_checker"):

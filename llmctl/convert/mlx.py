@@ -24,12 +24,13 @@ from typing import Any
 
 from llmctl.convert import result_name, work_folder
 from llmctl.errors import EngineFailure, EngineUnavailable, UsageError
+from llmctl.formats import ModelFormat
 from llmctl.store import manifest as manifests
 from llmctl.store.catalog import Catalog
 from llmctl.store.layout import StoreLayout
 from llmctl.store.manifest import Manifest
 from llmctl.store.pull import OnEvent, PullEvent, Runnable, register, runnable
-from llmctl.store.sources import LocalFiles, ModelFormat
+from llmctl.store.sources import LocalFiles
 
 # What MLX's affine quantization takes (mx.quantize).
 BITS = (2, 3, 4, 5, 6, 8)

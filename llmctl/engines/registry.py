@@ -17,6 +17,7 @@ from typing import Any
 from llmctl.engines.base import LoadOptions, TextEngine
 from llmctl.engines.image import ImageEngine, ImageLoadOptions
 from llmctl.errors import EngineUnavailable, UsageError
+from llmctl.formats import FORMATS, formats_of
 
 
 @dataclass(frozen=True)
@@ -24,7 +25,6 @@ class EngineSpec:
     name: str
     module: str  # implements load(path, LoadOptions)
     kind: str  # "text" | "image"
-    formats: tuple[str, ...]
     requires: str  # the import that must succeed
     install: str  # what to run when it does not
     # Where the engine's library exists, as "<sys.platform>-<machine>"; empty: anywhere.
@@ -33,23 +33,28 @@ class EngineSpec:
     # The `llmctl convert --to` target that makes models this engine runs, if any.
     convert_to: str | None = None
 
+    @property
+    def formats(self) -> tuple[str, ...]:
+        """The formats it runs, from the one table in llmctl.formats."""
+        return formats_of(self.name)
+
 
 ENGINES: dict[str, EngineSpec] = {
     spec.name: spec
     for spec in (
-        EngineSpec("llama", "llmctl.engines.llama", "text", ("gguf",), "llama_cpp",
+        EngineSpec("llama", "llmctl.engines.llama", "text", "llama_cpp",
                    "pip install 'llmctl[llama]'"),
         # mlx-lm reads MLX conversions and Hugging Face safetensors checkpoints alike.
         # MLX ships wheels for Apple Silicon macOS and (CPU only, "mlx[cpu]") Linux.
-        EngineSpec("mlx", "llmctl.engines.mlx", "text", ("mlx", "safetensors"), "mlx_lm",
+        EngineSpec("mlx", "llmctl.engines.mlx", "text", "mlx_lm",
                    "pip install 'llmctl[mlx]'",
                    platforms=("darwin-arm64", "linux-x86_64", "linux-aarch64"),
                    runs_on="Apple Silicon Macs and, on the CPU, Linux", convert_to="mlx"),
         # Image engines (llmctl.engines.image's contract): PyTorch anywhere torch runs
         # (CUDA, Apple's MPS, CPU), Core ML where its predictions run: macOS only.
-        EngineSpec("diffusers", "llmctl.engines.diffusers", "image", ("diffusers",),
-                   "diffusers", "pip install 'llmctl[diffusers]'"),
-        EngineSpec("coreml", "llmctl.engines.coreml", "image", ("coreml",), "coremltools",
+        EngineSpec("diffusers", "llmctl.engines.diffusers", "image", "diffusers",
+                   "pip install 'llmctl[diffusers]'"),
+        EngineSpec("coreml", "llmctl.engines.coreml", "image", "coremltools",
                    "pip install 'llmctl[coreml]'",
                    platforms=("darwin-arm64", "darwin-x86_64"),
                    runs_on="macOS only (Core ML predictions need Apple's frameworks)",
@@ -78,9 +83,9 @@ def choose(model_format: str, kind: str, override: str | None = None) -> EngineS
             raise UsageError(f"the {spec.name} engine cannot run {model_format} models",
                              hint=hint)
         return spec
-    for spec in ENGINES.values():
-        if model_format in spec.formats and spec.kind == kind:
-            return spec
+    info = FORMATS.get(model_format)
+    if info is not None and info.kind == kind and info.engines[0] in ENGINES:
+        return ENGINES[info.engines[0]]
     raise UsageError(f"no engine in this version runs {kind} models in {model_format} format")
 
 

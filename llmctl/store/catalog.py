@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 from llmctl.errors import InvalidName, StoreWarning, UsageError
+from llmctl.formats import ENGINES, FORMATS, KINDS
 from llmctl.store.credentials import public_url
 from llmctl.store.layout import relative_name
 
@@ -23,16 +24,6 @@ if TYPE_CHECKING:
 
 SHIPPED = Path(__file__).resolve().parent.parent / "data" / "catalog"
 USER_FILE = "user.json"
-KINDS = ("text", "image")
-# Each format and the (kind, engine) a model in it has unless its entry says otherwise.
-FORMATS: dict[str, tuple[str, str]] = {
-    "gguf": ("text", "llama"),
-    "safetensors": ("text", "mlx"),
-    "mlx": ("text", "mlx"),
-    "diffusers": ("image", "diffusers"),
-    "coreml": ("image", "coreml"),
-}
-ENGINES = tuple(dict.fromkeys(engine for _, engine in FORMATS.values()))
 
 
 @dataclass(frozen=True)

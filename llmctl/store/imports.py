@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from llmctl.errors import LlmctlError, UsageError
+from llmctl.formats import ModelFormat
 from llmctl.store import manifest as manifests
 from llmctl.store.layout import StoreLayout
 from llmctl.store.manifest import Manifest
-from llmctl.store.sources import LocalFiles, ModelFormat
+from llmctl.store.sources import LocalFiles
 
 if TYPE_CHECKING:
     from llmctl.store.pull import OnEvent

@@ -15,14 +15,15 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from llmctl.errors import StoreWarning, VerificationFailed
+from llmctl.formats import safetensors
 from llmctl.store import manifest as manifests
 from llmctl.store.blobs import BlobStore, BlobUsage
 from llmctl.store.layout import StoreLayout
 from llmctl.store.manifest import Manifest, ManifestFile
 
 if TYPE_CHECKING:
+    from llmctl.formats.gguf import GGUFHeader
     from llmctl.store.catalog import Catalog
-    from llmctl.store.gguf_header import GGUFHeader
 
 
 @dataclass(frozen=True)
@@ -154,7 +155,7 @@ def check_file(layout: StoreLayout, manifest: Manifest) -> tuple[Path, GGUFHeade
     """The stored model's file and header, after the checks that catch a damaged store
     (a file deleted, truncated or overwritten since it was verified) before any engine
     opens it."""
-    from llmctl.store.gguf_header import read_header
+    from llmctl.formats.gguf import read_header
 
     path = _checked_blob(layout, manifest, manifest.primary)
     try:
@@ -256,7 +257,7 @@ class ModelDetails:
 
 
 def describe(layout: StoreLayout, catalog: Catalog | None, reference: str) -> ModelDetails:
-    from llmctl.store.gguf_header import ArraySummary
+    from llmctl.formats.gguf import ArraySummary
     from llmctl.store.names import resolve_stored
 
     manifest = resolve_stored(layout, catalog, reference)
@@ -291,7 +292,7 @@ def _folder_details(folder: Path) -> tuple[dict[str, Any], dict[str, Any], dict[
     parameters = 0
     tensor_types: dict[str, int] = {}
     for path in sorted(folder.rglob("*.safetensors")):
-        for name, (dtype, count) in safetensors_tensors(path).items():
+        for name, (dtype, count) in safetensors.tensors(path).items():
             if name.endswith((".scales", ".biases")) and bits:
                 continue  # MLX quantization's per-group scales and offsets, not parameters
             # MLX packs quantized weights `bits` at a time into uint32 words.
@@ -327,20 +328,3 @@ def _chat_template(folder: Path) -> str | None:
     except (OSError, ValueError, AttributeError):
         return None
     return template if isinstance(template, str) else None
-
-
-def safetensors_tensors(path: Path) -> dict[str, tuple[str, int]]:
-    """name -> (dtype, element count) from a .safetensors header: 8 bytes of length, then
-    that much JSON."""
-    import json
-    import struct
-    from math import prod
-
-    try:
-        with open(path, "rb") as handle:
-            (length,) = struct.unpack("<Q", handle.read(8))
-            header = json.loads(handle.read(length))
-    except (OSError, ValueError, struct.error):
-        return {}
-    return {name: (entry["dtype"], prod(entry["shape"])) for name, entry in header.items()
-            if name != "__metadata__" and isinstance(entry, dict)}

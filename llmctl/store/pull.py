@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from llmctl.errors import ModelNotFound, SourceUnavailable, UsageError, VerificationFailed
+from llmctl.formats import ModelFormat, detect_format
+from llmctl.formats.gguf import GGUFHeader, read_header
 from llmctl.store import manifest as manifests
 from llmctl.store.blobs import BlobStore, sha256_file
 from llmctl.store.catalog import Catalog, CatalogMatch
 from llmctl.store.credentials import public_url
-from llmctl.store.gguf_header import GGUFHeader, read_header
 from llmctl.store.layout import StoreLayout, relative_name
 from llmctl.store.manifest import Manifest, ManifestFile
 from llmctl.store.models import check_file, model_folder, unused_blobs
@@ -35,14 +36,7 @@ from llmctl.store.names import (
     sanitize_name,
     suggestions,
 )
-from llmctl.store.sources import (
-    LocalFiles,
-    ModelFormat,
-    SourceMissing,
-    bundled,
-    detect_format,
-    local,
-)
+from llmctl.store.sources import LocalFiles, SourceMissing, bundled, local
 
 
 @dataclass(frozen=True)

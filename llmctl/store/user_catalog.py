@@ -23,10 +23,8 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from llmctl.errors import UsageError
+from llmctl.formats import ENGINES, FORMATS, KINDS
 from llmctl.store.catalog import (
-    ENGINES,
-    FORMATS,
-    KINDS,
     USER_FILE,
     Catalog,
     CatalogEntry,
@@ -76,7 +74,7 @@ def model_format(file_name: str, format: str | None = None, kind: str | None = N
     """(kind, engine, format) from what was given, else from the file's name: a .gguf is
     text/llama/gguf; an archive is judged by the name inside (x.mlmodelc.zip is Core ML).
     What cannot be told stays "": the files decide once they are downloaded."""
-    from llmctl.store.sources import detect_format
+    from llmctl.formats import detect_format
 
     if format is not None and format not in FORMATS:
         raise UsageError(f"unknown format '{format}'",
@@ -87,8 +85,8 @@ def model_format(file_name: str, format: str | None = None, kind: str | None = N
         raise UsageError(f"unknown engine '{engine}'",
                          hint=f"choose one of: {', '.join(ENGINES)}")
     if format:
-        kind_for, engine_for = FORMATS[format]
-        return kind or kind_for, engine or engine_for, format
+        info = FORMATS[format]
+        return kind or info.kind, engine or info.engines[0], format
     inner = file_name.lower()
     for suffix in ARCHIVES:
         inner = inner.removesuffix(suffix)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 
@@ -46,33 +46,3 @@ class LocalFiles:
     @property
     def file_names(self) -> list[str]:
         return self.names if self.names is not None else [p.name for p in self.paths]
-
-
-@dataclass(frozen=True)
-class ModelFormat:
-    kind: str  # "text" | "image"
-    engine: str  # the engine that runs it by default
-    format: str  # "gguf" | "safetensors" | "mlx" | "diffusers" | "coreml"
-
-
-GGUF = ModelFormat("text", "llama", "gguf")
-
-
-def detect_format(names: list[str]) -> ModelFormat | None:
-    """What a set of files is, from their names: None when llmctl cannot tell."""
-    paths = [PurePosixPath(n) for n in names]
-    top = {p.parts[0] for p in paths}
-    # Every folder level counts: a Core ML model is a folder ("Unet.mlmodelc/model.mil").
-    suffixes = {s.lower() for p in paths for part in p.parts
-                for s in PurePosixPath(part).suffixes}
-    if len(paths) == 1 and paths[0].suffix.lower() == ".gguf":
-        return GGUF
-    if "model_index.json" in top:
-        return ModelFormat("image", "diffusers", "diffusers")
-    if suffixes & {".mlmodelc", ".mlpackage"}:
-        return ModelFormat("image", "coreml", "coreml")
-    if "config.json" in top and ".safetensors" in suffixes:
-        # mlx-lm reads Hugging Face safetensors checkpoints as they are; MLX's own
-        # conversions differ only by a "quantization" entry in config.json.
-        return ModelFormat("text", "mlx", "safetensors")
-    return None

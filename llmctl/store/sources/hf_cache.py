@@ -24,10 +24,10 @@ import re
 from pathlib import Path, PurePosixPath
 
 from llmctl.errors import UsageError
+from llmctl.formats import GGUF, detect_format
 from llmctl.store.catalog import quantization_in
 from llmctl.store.imports import FoundModel
 from llmctl.store.names import DEFAULT_TAG, sanitize_name
-from llmctl.store.sources import GGUF, detect_format
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _SHARD = re.compile(r"-\d{5}-of-(\d{5})\.gguf$", re.IGNORECASE)

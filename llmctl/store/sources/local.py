@@ -6,7 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from llmctl.errors import UsageError
-from llmctl.store.sources import LocalFiles, detect_format
+from llmctl.formats import detect_format
+from llmctl.store.sources import LocalFiles
 
 SUFFIX = ".gguf"
 # Files at the top of a folder that make it a model of several files.

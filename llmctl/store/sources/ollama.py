@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from llmctl.errors import UsageError
+from llmctl.formats import GGUF
 from llmctl.store.imports import FoundModel
 from llmctl.store.names import sanitize_name
-from llmctl.store.sources import GGUF
 
 MEDIA = "application/vnd.ollama.image."
 DEFAULT_HOST = "registry.ollama.ai"

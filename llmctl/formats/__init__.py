@@ -1,0 +1,79 @@
+"""What a model file or folder is: the ground floor every other layer asks.
+
+    __init__.py     the formats llmctl knows, the one table of format -> kind and engines,
+                    and what a set of file names is (`detect_format`)
+    gguf.py         GGUF headers: metadata, tensors, the checks before llama.cpp opens one
+    safetensors.py  safetensors headers: tensor names, types and sizes, without weights
+    hf.py           Hugging Face folders: config.json, which weight files a folder loads,
+                    tokenizer files and chat templates
+    diffusers.py    diffusers pipelines: model_index.json and its component folders
+    coreml.py       Core ML models and resource folders, compute units
+
+Import-light (the standard library and `gguf` only): `ls`, completion and the store use it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+
+KINDS = ("text", "image")
+
+
+@dataclass(frozen=True)
+class FormatInfo:
+    kind: str  # "text" | "image"
+    engines: tuple[str, ...]  # the engines that run it, the default first
+
+
+# The one table of formats: what kind of model each is and which engines run it. Engines
+# (llmctl.engines.registry), the catalog and the store read it from here.
+FORMATS: dict[str, FormatInfo] = {
+    "gguf": FormatInfo("text", ("llama",)),
+    # mlx-lm reads Hugging Face safetensors checkpoints as they are; MLX's own conversions
+    # differ only by a "quantization" entry in config.json.
+    "safetensors": FormatInfo("text", ("mlx",)),
+    "mlx": FormatInfo("text", ("mlx",)),
+    "diffusers": FormatInfo("image", ("diffusers",)),
+    "coreml": FormatInfo("image", ("coreml",)),
+}
+ENGINES = tuple(dict.fromkeys(engine for info in FORMATS.values() for engine in info.engines))
+
+
+def formats_of(engine: str) -> tuple[str, ...]:
+    """The formats `engine` runs."""
+    return tuple(name for name, info in FORMATS.items() if engine in info.engines)
+
+
+@dataclass(frozen=True)
+class ModelFormat:
+    kind: str  # "text" | "image"
+    engine: str  # the engine that runs it by default
+    format: str  # "gguf" | "safetensors" | "mlx" | "diffusers" | "coreml"
+
+    @classmethod
+    def of(cls, format: str) -> ModelFormat:
+        """A format by name, with its kind and default engine from FORMATS."""
+        info = FORMATS[format]
+        return cls(info.kind, info.engines[0], format)
+
+
+GGUF = ModelFormat.of("gguf")
+
+
+def detect_format(names: list[str]) -> ModelFormat | None:
+    """What a set of files is, from their names: None when llmctl cannot tell."""
+    paths = [PurePosixPath(n) for n in names]
+    top = {p.parts[0] for p in paths}
+    # Every folder level counts: a Core ML model is a folder ("Unet.mlmodelc/model.mil").
+    suffixes = {s.lower() for p in paths for part in p.parts
+                for s in PurePosixPath(part).suffixes}
+    if len(paths) == 1 and paths[0].suffix.lower() == ".gguf":
+        return GGUF
+    if "model_index.json" in top:
+        return ModelFormat.of("diffusers")
+    if suffixes & {".mlmodelc", ".mlpackage"}:
+        return ModelFormat.of("coreml")
+    if "config.json" in top and ".safetensors" in suffixes:
+        return ModelFormat.of("safetensors")
+    return None
