@@ -23,7 +23,6 @@ LLMCTL_MEMORY_LIMIT), leaving the rest to the system and other programs.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import Any
 
 from llmctl.engines.base import default_context
 from llmctl.errors import InsufficientResources
+from llmctl.formats import hf
 from llmctl.host import MEMORY_LIMIT_ENV, usable_memory_bytes
 
 SHARE = 0.9
@@ -125,7 +125,7 @@ def model_shape(runnable: Any) -> Shape:
         return gguf_shape(runnable.header.metadata)
     path = Path(runnable.path)
     folder = path if path.is_dir() else path.parent
-    return config_shape(folder / "config.json")
+    return config_shape(folder)
 
 
 def _is_gguf(runnable: Any) -> bool:
@@ -170,24 +170,16 @@ def gguf_shape(metadata: dict[str, Any]) -> Shape:
     return Shape(per_token, vocabulary, _int(get("context_length")))
 
 
-def config_shape(config_path: Path) -> Shape:
+def config_shape(folder: Path) -> Shape:
     """From a Hugging Face config.json (MLX and safetensors folders); text models nested
     under "text_config" (vision-language models) are read too. Missing: no KV cache."""
-    try:
-        config = json.loads(config_path.read_text())
-    except (OSError, ValueError):
-        return Shape()
-    if not isinstance(config, dict):
-        return Shape()
-    if isinstance(config.get("text_config"), dict):
-        config = {**config, **config["text_config"]}
+    config = hf.text_settings(hf.read_config(folder))
     layers = _int(config.get("num_hidden_layers"))
     heads = _int(config.get("num_attention_heads"))
     kv_heads = _int(config.get("num_key_value_heads")) or heads
     head = _int(config.get("head_dim")) or (
         _int(config.get("hidden_size")) // heads if heads else 0)
-    return Shape(layers * kv_heads * 2 * head, _int(config.get("vocab_size")),
-                 _int(config.get("max_position_embeddings")))
+    return Shape(layers * kv_heads * 2 * head, hf.vocabulary(config), hf.trained_context(config))
 
 
 def folder_weights(path: Path) -> int:

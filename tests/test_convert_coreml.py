@@ -735,13 +735,15 @@ def test_components_published_only_as_fp16_variants_load(tiny_sd: Path,
                                                           tmp_path: Path) -> None:
     from diffusers import UNet2DConditionModel
 
+    from llmctl.formats.hf import folder_variant
+
     unet = UNet2DConditionModel.from_pretrained(tiny_sd / "unet")
     unet.save_pretrained(tmp_path / "unet", variant="fp16")
-    assert export.weights_variant(tmp_path / "unet") == "fp16"
-    assert export.weights_variant(tiny_sd / "unet") is None
+    assert folder_variant(tmp_path / "unet") == "fp16"
+    assert folder_variant(tiny_sd / "unet") is None
     loaded = UNet2DConditionModel.from_pretrained(
-        tmp_path / "unet", variant=export.weights_variant(tmp_path / "unet"))
+        tmp_path / "unet", variant=folder_variant(tmp_path / "unet"))
     assert loaded.config.block_out_channels == unet.config.block_out_channels
     (tmp_path / "shards").mkdir()
     (tmp_path / "shards" / "model.fp16-00001-of-00002.safetensors").write_bytes(b"")
-    assert export.weights_variant(tmp_path / "shards") == "fp16"
+    assert folder_variant(tmp_path / "shards") == "fp16"

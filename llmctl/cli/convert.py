@@ -72,8 +72,8 @@ def convert(
         "--latent-w", metavar="N", help="coreml: latent width.",
         show_default=False)] = None,
     compute_unit: Annotated[str | None, typer.Option(
-        "--compute-unit", metavar="UNIT", help="coreml: ALL, CPU_AND_GPU, "
-        "CPU_ONLY or CPU_AND_NE. [default: ALL]", show_default=False)] = None,
+        "--compute-unit", metavar="UNIT", help="coreml: all, cpu_and_gpu, cpu_only or "
+        "cpu_and_ne (Apple's capitals work too). [default: all]", show_default=False)] = None,
     vae_encoder: Annotated[bool, typer.Option(
         "--vae-encoder", help="coreml: also convert the VAE encoder.")] = False,
     safety_checker: Annotated[bool, typer.Option(
@@ -125,7 +125,7 @@ def convert(
             attention=attention or defaults.attention, chunk_unet=chunk_unet,
             quantize_nbits=quantize_nbits, latent_h=latent_h, latent_w=latent_w,
             min_deployment_target=target or defaults.min_deployment_target,
-            compute_unit=(compute_unit or defaults.compute_unit).upper(),
+            compute_unit=_compute_unit(compute_unit) or defaults.compute_unit,
             vae_encoder=vae_encoder, safety_checker=safety_checker,
             one_process_per_component=low_memory, via_apple=via is Via.apple),
             name, force, json)
@@ -179,3 +179,14 @@ def _to_coreml(model: str, options: CoremlOptions, name: str | None, force: bool
         out.json_line(manifest.to_dict())
     else:
         out.line(manifest.reference)
+
+
+def _compute_unit(text: str | None) -> str | None:
+    """coremltools' name (CPU_AND_NE) of a compute unit given in either spelling; an
+    unknown one is passed on for CoremlOptions to refuse."""
+    from llmctl.formats.coreml import COMPUTE_UNITS, compute_unit
+
+    if text is None:
+        return None
+    key = compute_unit(text)
+    return COMPUTE_UNITS[key] if key else text

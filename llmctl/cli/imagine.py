@@ -66,8 +66,11 @@ def imagine(
     trust_pickle: Annotated[bool, typer.Option(
         "--trust-pickle", help="Load pickled weights (.bin, .ckpt); they can run code.")
     ] = False,
-    compute_units: Annotated[str, typer.Option(
-        help="coreml: all, cpu_and_ne, cpu_and_gpu or cpu_only.")] = "all",
+    compute_unit: Annotated[str, typer.Option(
+        "--compute-unit", metavar="UNIT", help="coreml: all, cpu_and_ne, cpu_and_gpu or "
+        "cpu_only (Apple's capitals work too).")] = "all",
+    compute_units: Annotated[str | None, typer.Option(
+        "--compute-units", hidden=True, help="The old spelling of --compute-unit.")] = None,
     force: Annotated[bool, typer.Option(
         "--force", help="Load the model even when it looks too big for this machine's "
         "memory.")] = False,
@@ -85,7 +88,7 @@ def imagine(
         llmctl imagine sd-turbo "a lighthouse at dusk, oil painting"
         llmctl imagine sd1.5 "a red fox in snow" --seed 42 -n 4 -o foxes/
         llmctl imagine ./my-pipeline "a cat" --steps 20 --preview-every 5 -o cat.png
-        llmctl imagine sd1.5:coreml-split_einsum "a castle" --compute-units cpu_and_ne
+        llmctl imagine sd1.5:coreml-split_einsum "a castle" --compute-unit cpu_and_ne
     """
     import secrets
     from datetime import datetime
@@ -100,15 +103,18 @@ def imagine(
         check_request,
     )
     from llmctl.errors import UsageError
+    from llmctl.formats.coreml import compute_unit as compute_unit_name
     from llmctl.store.layout import StoreLayout
 
     out = Output(json_mode=json)
     check_request(width, height, scheduler)
-    for name, value, choices in (("--device", device, DEVICES),
-                                 ("--compute-units", compute_units, COMPUTE_UNITS)):
-        if value is not None and value not in choices:
-            raise UsageError(f"unknown {name} '{value}'",
-                             hint=f"choose one of: {', '.join(choices)}")
+    if device is not None and device not in DEVICES:
+        raise UsageError(f"unknown --device '{device}'",
+                         hint=f"choose one of: {', '.join(DEVICES)}")
+    units = compute_unit_name(compute_units or compute_unit)
+    if units is None:
+        raise UsageError(f"unknown --compute-unit '{compute_units or compute_unit}'",
+                         hint=f"choose one of: {', '.join(COMPUTE_UNITS)}")
     from llmctl.cli.run import _read_prompt
 
     text = _read_prompt(prompt)
@@ -116,7 +122,7 @@ def imagine(
         raise UsageError("no prompt given", hint="pass PROMPT or pipe text on stdin")
     if output is not None and count > 1 and output.suffix.lower() == ".png":
         out.info(f"note: {count} images: {output.stem}-1.png ... {output.stem}-{count}.png")
-    options = ImageLoadOptions(device, low_memory, trust_pickle, compute_units)
+    options = ImageLoadOptions(device, low_memory, trust_pickle, units)
     target, spec, defaults, llm = open_image_model(out, model, engine, options, width,
                                                    height, force)
     seed = secrets.randbelow(2**32) if seed is None else seed
@@ -152,8 +158,9 @@ def open_image_model(out: Output, model: str, engine: str | None, options: Image
     that it fits in memory, then load it. Also returns the catalog's default parameters."""
     from llmctl.cli.common import open_store
     from llmctl.engines import registry
-    from llmctl.engines.image import check_image_fits, default_size
+    from llmctl.engines.image import check_image_fits
     from llmctl.errors import UsageError
+    from llmctl.formats.diffusers import default_size
     from llmctl.store.pull import runnable
 
     layout, catalog = open_store()

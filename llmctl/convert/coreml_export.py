@@ -40,6 +40,7 @@ from typing import Any
 
 from llmctl.convert.attention import AttentionImplementation, check_attention
 from llmctl.errors import EngineFailure, UsageError, VerificationFailed
+from llmctl.formats.hf import folder_variant
 
 Status = Callable[[str], None]
 
@@ -48,7 +49,6 @@ CAPTURE = {"text_encoder": "torch.jit.trace", "unet": "torch.export",
            "vae_decoder": "torch.export", "vae_encoder": "torch.export",
            "safety_checker": "torch.jit.trace"}
 DEPLOYMENT_TARGETS = ("macOS13", "macOS14", "iOS16", "iOS17")
-COMPUTE_UNITS = ("ALL", "CPU_AND_GPU", "CPU_ONLY", "CPU_AND_NE")
 UNET_BATCH = 2  # classifier-free guidance: the unconditioned and the prompted latents
 # Timestep of the sample input: any value works (it only feeds the sinusoidal embedding);
 # this is the first step of SD's usual 50-step schedules.
@@ -136,26 +136,6 @@ def convert_component(component: str, source: Path, geometry: Geometry,
     return report
 
 
-def weight_files(folder: Path) -> list[Path]:
-    """The weight files from_pretrained loads from a component's folder: the plain ones
-    (`model.safetensors`, `*.bin`), else a variant's (`*.fp16.safetensors`, what some
-    repositories publish alone); safetensors before pickles."""
-    for pattern in ("*.safetensors", "*.bin"):
-        files = sorted(folder.glob(pattern))
-        plain = [f for f in files if len(f.name.split(".")) == 2]
-        if plain or files:
-            return plain or files
-    return []
-
-
-def weights_variant(folder: Path) -> str | None:
-    """"fp16" (or another variant) when the folder holds only a variant's weights."""
-    files = weight_files(folder)
-    parts = files[0].name.split(".") if files else []
-    # model.fp16.safetensors, or shards: model.fp16-00001-of-00002.safetensors
-    return parts[-2].split("-")[0] if len(parts) > 2 else None
-
-
 def _folder(component: str) -> str:
     return {"vae_decoder": "vae", "vae_encoder": "vae"}.get(component, component)
 
@@ -169,7 +149,7 @@ def _text_encoder(source: Path, geometry: Geometry, settings: ExportSettings,
     from transformers import CLIPTextModel
 
     model = CLIPTextModel.from_pretrained(source / "text_encoder", dtype=torch.float32,
-                                          variant=weights_variant(source / "text_encoder")
+                                          variant=folder_variant(source / "text_encoder")
                                           ).eval()
 
     class TextEncoder(torch.nn.Module):
@@ -197,7 +177,7 @@ def _unet(source: Path, geometry: Geometry, settings: ExportSettings, status: St
     from diffusers import UNet2DConditionModel
 
     unet = UNet2DConditionModel.from_pretrained(source / "unet", torch_dtype=torch.float32,
-                                                variant=weights_variant(source / "unet")
+                                                variant=folder_variant(source / "unet")
                                                 ).eval()
 
     class Unet(torch.nn.Module):
@@ -251,7 +231,7 @@ def _vae_part(source: Path, decoder: bool, sample: Any) -> Any:
     from diffusers import AutoencoderKL
 
     vae = AutoencoderKL.from_pretrained(source / "vae", torch_dtype=torch.float32,
-                                        variant=weights_variant(source / "vae")).eval()
+                                        variant=folder_variant(source / "vae")).eval()
     layers = ([vae.post_quant_conv, vae.decoder] if decoder
               else [vae.encoder, vae.quant_conv])
     # Some VAEs have no quant_conv/post_quant_conv (use_quant_conv=False): None here.
@@ -289,7 +269,7 @@ def _safety_checker(source: Path, geometry: Geometry, settings: ExportSettings,
 
     checker = StableDiffusionSafetyChecker.from_pretrained(
         source / "safety_checker", torch_dtype=torch.float32,
-        variant=weights_variant(source / "safety_checker")).eval()
+        variant=folder_variant(source / "safety_checker")).eval()
 
     class SafetyChecker(torch.nn.Module):
         """diffusers' checker without its Python loop over images: every image's scores

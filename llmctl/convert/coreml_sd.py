@@ -50,6 +50,7 @@ from llmctl.convert import result_name
 from llmctl.convert.attention import MIN_PSNR_DB, QUERY_CHUNK_SIZE, AttentionImplementation
 from llmctl.errors import EngineFailure, LlmctlError, UsageError, VerificationFailed
 from llmctl.formats import ModelFormat
+from llmctl.formats import coreml as coreml_format
 from llmctl.store import manifest as manifests
 from llmctl.store.catalog import Catalog
 from llmctl.store.layout import StoreLayout, write_atomically
@@ -67,7 +68,8 @@ NBITS = (1, 2, 4, 6, 8)  # what the Neural Engine reads as palettes (Apple's REA
 # 6-bit palettes need the runtime that decompresses weights just in time (iOS 17, macOS 14).
 SIX_BIT_TARGETS = ("macOS14", "iOS17")
 DEPLOYMENT_TARGETS = ("macOS13", "macOS14", "iOS16", "iOS17")
-COMPUTE_UNITS = ("ALL", "CPU_AND_GPU", "CPU_ONLY", "CPU_AND_NE")
+# coremltools' names of the compute units (llmctl.formats.coreml has both spellings).
+COMPUTE_UNITS = tuple(coreml_format.COMPUTE_UNITS.values())
 # Apple keeps each UNet chunk under 1 GB of weights for iOS ("--chunk-unet" in its README).
 CHUNK_WARN_BYTES = 1_000_000_000
 CHUNK_MIN_PSNR_DB = 35.0  # chunked vs whole UNet on macOS, as Apple's chunk check does
@@ -296,7 +298,7 @@ MEMORY_BASE = 700_000_000
 
 def conversion_memory(pipeline: Pipeline) -> int:
     """The peak memory the conversion is expected to need: its largest component's."""
-    from llmctl.convert.coreml_export import weight_files
+    from llmctl.formats.hf import weight_files
     from llmctl.formats.safetensors import tensors as safetensors_tensors
 
     largest = 0

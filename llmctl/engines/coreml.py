@@ -38,8 +38,8 @@ from llmctl.engines.image import (
     StepClock,
 )
 from llmctl.errors import EngineFailure, EngineUnavailable, UsageError
+from llmctl.formats import coreml as coreml_format
 
-MODEL_SUFFIXES = (".mlmodelc", ".mlpackage")
 TOKENS = 77  # CLIP's context, what every Stable Diffusion text encoder is converted for
 # Stable Diffusion 1.x/2.x's own scheduler and VAE scale, for folders that carry neither
 # (Apple's published ones).
@@ -48,8 +48,6 @@ SD_SCHEDULER = {"_class_name": "PNDMScheduler", "num_train_timesteps": 1000,
                 "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
                 "clip_sample": False, "prediction_type": "epsilon"}
 SD_VAE_SCALING = 0.18215
-COMPUTE_UNITS = {"all": "ALL", "cpu_and_ne": "CPU_AND_NE", "cpu_and_gpu": "CPU_AND_GPU",
-                 "cpu_only": "CPU_ONLY"}
 
 
 @dataclass(frozen=True)
@@ -83,7 +81,7 @@ class Resources:
 
 
 def _model(folder: Path, name: str) -> Path | None:
-    for suffix in MODEL_SUFFIXES:  # compiled first: it loads without compiling again
+    for suffix in coreml_format.SUFFIXES:  # compiled first: it loads without compiling again
         if (folder / f"{name}{suffix}").exists():
             return folder / f"{name}{suffix}"
     return None
@@ -158,7 +156,7 @@ class CoreMLComponent:
     def __init__(self, path: Path, compute_units: str):
         import coremltools as ct
 
-        units = getattr(ct.ComputeUnit, COMPUTE_UNITS[compute_units])
+        units = getattr(ct.ComputeUnit, coreml_format.COMPUTE_UNITS[compute_units])
         if path.suffix == ".mlmodelc":
             self.model = ct.models.CompiledMLModel(str(path), compute_units=units)
             self.inputs, self.outputs = _compiled_features(path)

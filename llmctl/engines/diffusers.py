@@ -28,6 +28,8 @@ from llmctl.engines.image import (
     StepClock,
 )
 from llmctl.errors import EngineFailure, EngineUnavailable, UsageError
+from llmctl.formats import diffusers as diffusers_format
+from llmctl.formats import hf
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
 
@@ -38,14 +40,13 @@ class _Stopped(Exception):
 
 
 def weight_files(folder: Path) -> dict[str, list[str]]:
-    """Component folder -> its weight files, for the components model_index.json names."""
-    try:
-        index = json.loads((folder / "model_index.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise EngineFailure(f"{folder} has no readable model_index.json ({exc})") from None
+    """Component folder -> its weight files (pickles included), for the components
+    model_index.json names."""
+    if not (folder / diffusers_format.INDEX).is_file():
+        raise EngineFailure(f"{folder} has no model_index.json")
     found = {}
-    for component, value in index.items():
-        if isinstance(value, list) and value and value[0] and (folder / component).is_dir():
+    for component in sorted(diffusers_format.read_components(folder / diffusers_format.INDEX)):
+        if (folder / component).is_dir():
             found[component] = sorted(
                 p.name for p in (folder / component).iterdir()
                 if p.name.endswith((".safetensors", *PICKLE_SUFFIXES)))
@@ -68,12 +69,9 @@ def check_weights(folder: Path, trust_pickle: bool) -> None:
 def _variant(folder: Path) -> str | None:
     """"fp16" when the weights are only there as fp16 variants
     (diffusion_pytorch_model.fp16.safetensors), as the catalog pulls them."""
-    names = [n for files in weight_files(folder).values() for n in files]
-    tensors = [n for n in names if n.endswith(".safetensors")] or names
-    plain = [n for n in tensors if "." not in n.rsplit(".", 1)[0]]
-    if tensors and not plain and all(".fp16." in n for n in tensors):
-        return "fp16"
-    return None
+    variants = {hf.folder_variant(folder / c) for c, files in weight_files(folder).items()
+                if files}
+    return "fp16" if variants == {"fp16"} else None
 
 
 def _missing_components(folder: Path) -> dict[str, None]:

@@ -9,13 +9,13 @@ Import-light: no torch, no PIL, so that `imagine --help` and the option checks s
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from llmctl.errors import InsufficientResources, UsageError
+from llmctl.formats import coreml
 
 # Scheduler names users type -> diffusers' classes (the Core ML engine uses them too).
 SCHEDULERS = {
@@ -32,7 +32,7 @@ SCHEDULERS = {
     "lcm": "LCMScheduler",
 }
 DEVICES = ("cuda", "mps", "cpu")
-COMPUTE_UNITS = ("all", "cpu_and_ne", "cpu_and_gpu", "cpu_only")
+COMPUTE_UNITS = tuple(coreml.COMPUTE_UNITS)  # llmctl's spellings
 MAX_SEED = 2**32 - 1
 
 
@@ -191,18 +191,3 @@ def check_image_fits(folder: Path, width: int, height: int, upcast: bool, force:
             hint=f"llmctl plans for at most {SHARE:.0%} of the memory it may use; try a "
                  "smaller --width/--height, --low-memory, or load anyway with --force")
     return estimate, allowed
-
-
-def default_size(folder: Path) -> tuple[int, int] | None:
-    """A diffusers pipeline's own size: the UNet's sample size times the VAE's scale
-    (2 to the number of its down blocks less one), as diffusers computes it."""
-    try:
-        unet = json.loads((folder / "unet" / "config.json").read_text())
-        vae = json.loads((folder / "vae" / "config.json").read_text())
-        sample = unet["sample_size"]
-        scale = 2 ** (len(vae["block_out_channels"]) - 1)
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    if isinstance(sample, list):
-        return int(sample[1]) * scale, int(sample[0]) * scale
-    return int(sample) * scale, int(sample) * scale

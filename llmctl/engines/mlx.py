@@ -14,7 +14,6 @@ GPU runs them natively and nothing is changed.
 
 from __future__ import annotations
 
-import json
 import secrets
 import time
 from collections.abc import Iterator
@@ -36,6 +35,7 @@ from llmctl.engines.base import (
     default_context,
 )
 from llmctl.errors import EngineFailure, EngineUnavailable, UsageError
+from llmctl.formats import hf
 from llmctl.host import peak_memory_bytes
 
 
@@ -75,12 +75,12 @@ class MlxEngine:
         if self.on_cpu:
             self._upcast_half_precision()
         self._wired_limit = self._wire_weights()
-        trained = _trained_context(config)
+        trained = hf.trained_context(config)
         # The same bounds as the llama engine (the command has checked already). Threads
         # do not apply: MLX sizes its own CPU work.
         options, _ = options.validate(trained or None)
         self.n_ctx = default_context(options.context_length, trained)
-        self.vocabulary = _vocabulary(config)
+        self.vocabulary = hf.vocabulary(config)
         self.eos_ids = set(self.tokenizer.eos_token_ids)
         self._warm_up()
         self.load_seconds = time.perf_counter() - started
@@ -219,25 +219,8 @@ class MlxEngine:
         mx.clear_cache()
 
 
-def _trained_context(config: dict[str, Any]) -> int:
-    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
-    value = config.get("max_position_embeddings") or text.get("max_position_embeddings")
-    return value if isinstance(value, int) else 0
-
-
-def _vocabulary(config: dict[str, Any]) -> int:
-    """The width of the model's output (its logits): what top-k is taken over."""
-    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
-    value = config.get("vocab_size") or text.get("vocab_size")
-    return value if isinstance(value, int) else 0
-
-
 def load(path: Path, options: LoadOptions) -> MlxEngine:
     if not (path / "config.json").is_file():
         raise EngineFailure(f"{path} has no config.json; the mlx engine opens MLX and "
                             "Hugging Face safetensors folders")
-    try:
-        config = json.loads((path / "config.json").read_text())
-    except ValueError as exc:
-        raise EngineFailure(f"{path / 'config.json'} is not JSON ({exc})") from None
-    return MlxEngine(path, options, config if isinstance(config, dict) else {})
+    return MlxEngine(path, options, hf.read_config(path))

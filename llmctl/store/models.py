@@ -15,7 +15,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from llmctl.errors import StoreWarning, VerificationFailed
-from llmctl.formats import safetensors
+from llmctl.formats import hf, safetensors
 from llmctl.store import manifest as manifests
 from llmctl.store.blobs import BlobStore, BlobUsage
 from llmctl.store.layout import StoreLayout
@@ -276,16 +276,11 @@ def _folder_details(folder: Path) -> tuple[dict[str, Any], dict[str, Any], dict[
     """Summary, metadata and tensor types of a folder model, from its config.json and the
     headers of its .safetensors files (read as JSON: no library, no weights). The chat
     template is kept under the key GGUF uses for it, so `show --template` finds it."""
-    import json
+    config = hf.read_config(folder)
+    settings = hf.text_settings(config)
 
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError):
-        config = {}
-    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
-
-    def get(key: str) -> Any:
-        return config.get(key, text.get(key))
+    def get(key: str) -> Any:  # the model's own (a VLM's architecture), else its text's
+        return config.get(key, settings.get(key))
 
     quantization = config.get("quantization") or {}
     bits = quantization.get("bits") if isinstance(quantization, dict) else None
@@ -299,7 +294,7 @@ def _folder_details(folder: Path) -> tuple[dict[str, Any], dict[str, Any], dict[
             parameters += count * 32 // bits if bits and dtype == "U32" else count
             tensor_types[dtype] = tensor_types.get(dtype, 0) + 1
     metadata = dict(config)
-    template = _chat_template(folder)
+    template = hf.chat_template(folder)
     if template:
         metadata["tokenizer.chat_template"] = template
     summary = {
@@ -315,16 +310,3 @@ def _folder_details(folder: Path) -> tuple[dict[str, Any], dict[str, Any], dict[
         "license": None,
     }
     return summary, metadata, tensor_types
-
-
-def _chat_template(folder: Path) -> str | None:
-    import json
-
-    if (folder / "chat_template.jinja").is_file():
-        return (folder / "chat_template.jinja").read_text()
-    try:
-        template = json.loads((folder / "tokenizer_config.json").read_text()).get(
-            "chat_template")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return template if isinstance(template, str) else None

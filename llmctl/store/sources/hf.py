@@ -24,6 +24,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from llmctl.errors import SourceUnavailable, UsageError
+from llmctl.formats import coreml, diffusers
+from llmctl.formats import hf as hf_folder
 from llmctl.store.catalog import quantization_in
 from llmctl.store.names import HubRef, sanitize_name
 from llmctl.store.sources import LocalFiles, SourceMissing
@@ -33,9 +35,6 @@ FileProgress = Callable[[str, int, int], None]
 
 DEFAULT_REVISION = "main"
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
-# Text files a tokenizer or chat template may live in, beside the weights.
-_TOKENIZER_FILES = ("*.json", "*.jinja", "*.txt", "*.model", "*.tiktoken", "tokenizer*")
-_COREML_SUFFIXES = (".mlmodelc", ".mlpackage")
 
 
 def model_name(ref: HubRef) -> tuple[str, str]:
@@ -258,7 +257,7 @@ def _model_files(ref: HubRef, listing: _Listing) -> list[str]:
     where = str(HubRef(ref.repo, None, ref.revision))
     if "model_index.json" in files:
         return _diffusers_files(ref.repo, listing)
-    if roots := _coreml_roots(files):
+    if roots := coreml.model_roots(files):
         if len(roots) == 1:
             root = roots[0]
             return [f for f in files if f.startswith(root + "/")] if root else [
@@ -269,7 +268,7 @@ def _model_files(ref: HubRef, listing: _Listing) -> list[str]:
                               f"{HubRef(ref.repo, roots[0] or '*', ref.revision)}")
     top = [f for f in files if "/" not in f]
     if "config.json" in top and any(f.endswith(".safetensors") for f in top):
-        return _checkpoint_files(top)
+        return hf_folder.checkpoint_files(top)
     raise UsageError(f"cannot tell which files of {where} make a model"
                      + _listed(" (", _top_level(files)) + (")" if files else ""),
                      hint=f"name a file or folder: llmctl pull "
@@ -281,83 +280,12 @@ def _is_repo_furniture(name: str) -> bool:
         name.lower().endswith((".zip", ".png", ".jpg", ".md"))
 
 
-def _weight_family(name: str) -> str:
-    """"model-00001-of-00002.safetensors" and "model.safetensors.index.json" both belong
-    to "model.safetensors"."""
-    name = PurePosixPath(name).name.removesuffix(".index.json")
-    return re.sub(r"-\d+-of-\d+(?=\.[a-z]+$)", "", name)
-
-
-def _is_variant(name: str) -> bool:
-    """"diffusion_pytorch_model.fp16.safetensors" is a variant (a second copy of the
-    weights at another precision) of "diffusion_pytorch_model.safetensors"."""
-    stem = _weight_family(name).rsplit(".", 1)[0]
-    return "." in stem
-
-
-def _pick_weights(names: list[str]) -> list[str]:
-    """One copy of the weights: safetensors rather than pickles (.bin, .ckpt: duplicates
-    that are slower and unsafe to load), the full-precision file rather than variants."""
-    tensors = [n for n in names if n.endswith(".safetensors")]
-    if not tensors:
-        tensors = [n for n in names if n.endswith(".bin")]
-    plain = [n for n in tensors if not _is_variant(n)]
-    if plain:
-        return plain
-    families = sorted({_weight_family(n) for n in tensors},
-                      key=lambda f: (".fp16." not in f, f))
-    return [n for n in tensors if families and _weight_family(n) == families[0]]
-
-
-def _with_index(weights: list[str], names: list[str]) -> list[str]:
-    families = {_weight_family(w) for w in weights}
-    return [n for n in names
-            if n.endswith(".index.json") and _weight_family(n) in families]
-
-
-def _checkpoint_files(top: list[str]) -> list[str]:
-    tensors = [f for f in top if f.endswith(".safetensors")]
-    # Mistral-style repos carry the same weights twice: sharded "model-*" files for
-    # Transformers and MLX, and "consolidated.safetensors" for their own tools.
-    if any(not f.startswith("consolidated") for f in tensors):
-        tensors = [f for f in tensors if not f.startswith("consolidated")]
-    weights = _pick_weights(tensors)
-    text = [f for f in top if any(fnmatch.fnmatchcase(f, p) for p in _TOKENIZER_FILES)
-            and not f.endswith(".index.json")]
-    return sorted({*weights, *_with_index(weights, top), *text})
-
-
 def _diffusers_files(repo: str, listing: _Listing) -> list[str]:
     """model_index.json names the pipeline's components; each has a folder of its own."""
     index = _download(repo, listing, ["model_index.json"], on_progress=lambda *_: None)
-    try:
-        spec = json.loads(index.paths[0].read_text())
-        components = {k for k, v in spec.items() if isinstance(v, list) and v and v[0]}
-    except (OSError, ValueError, AttributeError):
-        components = set()
-    folders = components or {f.split("/")[0] for f in listing.files if "/" in f}
-    chosen = ["model_index.json"]
-    for folder in sorted(folders):
-        inside = [f for f in listing.files
-                  if f.startswith(folder + "/") and f.count("/") == 1]
-        weights = _pick_weights(inside)
-        text = [f for f in inside if f.endswith((".json", ".txt", ".model"))
-                and not f.endswith(".index.json")]
-        chosen += sorted({*weights, *_with_index(weights, inside), *text})
-    return chosen
-
-
-def _coreml_roots(files: list[str]) -> list[str]:
-    """Folders holding compiled or packaged Core ML models ("split_einsum/compiled"),
-    "" for the repository root."""
-    roots: set[str] = set()
-    for name in files:
-        parts = PurePosixPath(name).parts
-        for i, part in enumerate(parts[:-1]):
-            if part.endswith(_COREML_SUFFIXES):
-                roots.add("/".join(parts[:i]))
-                break
-    return sorted(roots)
+    folders = diffusers.read_components(index.paths[0]) or {
+        f.split("/")[0] for f in listing.files if "/" in f}
+    return diffusers.pipeline_files(listing.files, folders)
 
 
 # --- downloading ------------------------------------------------------------------------

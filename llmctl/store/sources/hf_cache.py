@@ -18,23 +18,19 @@ and *.safetensors: MLX reads these), one diffusers pipeline (model_index.json).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path, PurePosixPath
 
 from llmctl.errors import UsageError
-from llmctl.formats import GGUF, detect_format
+from llmctl.formats import GGUF, detect_format, diffusers
+from llmctl.formats.hf import TEXT_SUFFIXES
 from llmctl.store.catalog import quantization_in
 from llmctl.store.imports import FoundModel
 from llmctl.store.names import DEFAULT_TAG, sanitize_name
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _SHARD = re.compile(r"-\d{5}-of-(\d{5})\.gguf$", re.IGNORECASE)
-# What a text model's folder needs beside its weights: configs, tokenizers, templates.
-TEXT_SUFFIXES = {".json", ".safetensors", ".txt", ".model", ".jinja", ".tiktoken"}
-# Weights in formats llmctl does not run, skipped when safetensors sit beside them.
-OTHER_WEIGHTS = {".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".onnx", ".onnx_data"}
 
 
 def cache_dir(given: Path | None = None) -> Path:
@@ -156,9 +152,10 @@ def _folder_models(repo: str, files: dict[str, CachedFile], origin: dict
     top = {n for n in files if "/" not in n}
     chosen: list[CachedFile]
     if "model_index.json" in top:
-        components = _components(files["model_index.json"][1])
-        chosen = [files["model_index.json"]] + _weights_and_configs(
-            [f for n, f in files.items() if n.split("/")[0] in components])
+        folders = diffusers.read_components(files["model_index.json"][1])
+        names = diffusers.without_other_weights(
+            [n for n in files if n.split("/")[0] in folders])
+        chosen = [files["model_index.json"]] + [files[n] for n in names]
     elif "config.json" in top and any(n.endswith(".safetensors") for n in top):
         chosen = [files[n] for n in sorted(top) if PurePosixPath(n).suffix in TEXT_SUFFIXES]
     else:
@@ -169,22 +166,3 @@ def _folder_models(repo: str, files: dict[str, CachedFile], origin: dict
         return []
     return [FoundModel(model_name(repo), DEFAULT_TAG, fmt, [p for _, p, _ in chosen], names,
                        [d for _, _, d in chosen], dict(origin))]
-
-
-def _components(model_index: Path) -> set[str]:
-    """The pipeline's folders (unet, vae, text_encoder ...) that model_index.json lists."""
-    try:
-        data = json.loads(model_index.read_text())
-    except (OSError, ValueError):
-        return set()
-    return {k for k, v in data.items() if not k.startswith("_") and isinstance(v, list)}
-
-
-def _weights_and_configs(files: list[CachedFile]) -> list[CachedFile]:
-    """A component folder's files, without other frameworks' copies of the weights
-    (diffusers loads the safetensors when both are there)."""
-    with_safetensors = {str(PurePosixPath(n).parent) for n, _, _ in files
-                        if n.endswith(".safetensors")}
-    return [f for f in files
-            if not (PurePosixPath(f[0]).suffix in OTHER_WEIGHTS
-                    and str(PurePosixPath(f[0]).parent) in with_safetensors)]
