@@ -50,7 +50,7 @@ from llmctl.errors import UsageError  # noqa: E402
 from llmctl.store import manifest as manifests  # noqa: E402
 from llmctl.store.catalog import Catalog  # noqa: E402
 from llmctl.store.layout import StoreLayout  # noqa: E402
-from llmctl.store.models import model_folder  # noqa: E402
+from llmctl.store.model_files import model_folder  # noqa: E402
 
 LATENT = 8
 A = AttentionImplementation

@@ -274,7 +274,7 @@ def test_imagine_on_linux_says_core_ml_runs_only_on_macos(llmctl: Runner, tmp_pa
     import sys
 
     from llmctl.store.layout import StoreLayout
-    from llmctl.store.pull import register
+    from llmctl.store.register import register
     from llmctl.store.sources import LocalFiles
 
     if sys.platform == "darwin":

@@ -201,7 +201,8 @@ def test_rm_partial_waits_until_the_store_has_taken_the_download(
     """`rm --partial` run while a pull is between "downloaded" and "stored" (here: the
     body of url.fetching, where pull registers the file) keeps the download."""
     from llmctl.store.names import UrlRef
-    from llmctl.store.pull import PullOptions, register
+    from llmctl.store.register import register
+    from llmctl.store.sources import PullOptions
     from llmctl.store.sources import url as url_source
 
     with FileServer() as server:

@@ -27,7 +27,8 @@ from llmctl.store import manifest as manifests
 from llmctl.store.blobs import BlobStore, sha256_file
 from llmctl.store.layout import StoreLayout
 from llmctl.store.manifest import Manifest, ManifestFile
-from llmctl.store.models import model_folder, plan_removal, remove
+from llmctl.store.model_files import model_folder
+from llmctl.store.removal import plan_removal, remove
 
 MLX_Q4 = "smollm2:135m-mlx-q4"
 # The `done` event of `run --json`, as the llama engine writes it (tests/test_run.py).

@@ -17,7 +17,7 @@ from llmctl.store.blobs import BlobStore, sha256_file
 from llmctl.store.catalog import Catalog
 from llmctl.store.layout import StoreLayout, write_atomically
 from llmctl.store.manifest import Manifest, ManifestFile
-from llmctl.store.models import plan_removal, remove
+from llmctl.store.removal import plan_removal, remove
 from llmctl.store.sources import SourceMissing, bundled
 
 

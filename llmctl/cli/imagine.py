@@ -15,7 +15,7 @@ from llmctl.units import format_bytes
 if TYPE_CHECKING:
     from llmctl.engines.image import ImageEngine, ImageLoadOptions
     from llmctl.engines.registry import EngineSpec
-    from llmctl.store.pull import Runnable
+    from llmctl.store.resolve import Runnable
 
 DEFAULT_STEPS, DEFAULT_GUIDANCE = 30, 7.5
 
@@ -161,7 +161,7 @@ def open_image_model(out: Output, model: str, engine: str | None, options: Image
     from llmctl.engines.image import check_image_fits
     from llmctl.errors import UsageError
     from llmctl.formats.diffusers import default_size
-    from llmctl.store.pull import runnable
+    from llmctl.store.resolve import runnable
 
     layout, catalog = open_store()
     with out.progress() as report:

@@ -66,8 +66,8 @@ def pull(
         llmctl pull -q smollm2 gemma3
     """
     from llmctl.cli.common import open_store
-    from llmctl.store.pull import PullOptions
     from llmctl.store.pull import pull as pull_model
+    from llmctl.store.sources import PullOptions
 
     if name and len(models) > 1:
         raise typer.BadParameter("--name needs exactly one MODEL", param_hint="--name")

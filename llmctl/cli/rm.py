@@ -59,7 +59,7 @@ def rm(
         return
     if not models:
         raise typer.BadParameter("name at least one MODEL", param_hint="MODEL")
-    from llmctl.store.models import plan_removal, remove
+    from llmctl.store.removal import plan_removal, remove
 
     layout, catalog = open_store()
     plan = plan_removal(layout, catalog, models)
@@ -148,7 +148,7 @@ def _rm_images(out: Output, ids: list[str], *, yes: bool, dry_run: bool) -> None
 
 def _rm_broken(out: Output, *, yes: bool, dry_run: bool) -> None:
     from llmctl.store.layout import StoreLayout
-    from llmctl.store.models import clean_up, plan_cleanup
+    from llmctl.store.removal import clean_up, plan_cleanup
 
     layout = StoreLayout.default()
     plan = plan_cleanup(layout)

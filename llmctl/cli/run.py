@@ -18,7 +18,7 @@ from llmctl.units import format_bytes
 if TYPE_CHECKING:
     from llmctl.engines.base import Stats, TextEngine
     from llmctl.engines.registry import EngineSpec
-    from llmctl.store.pull import Runnable
+    from llmctl.store.resolve import Runnable
 
 SystemOpt = Annotated[str | None, typer.Option(help="A system prompt.")]
 # The bounds of the numeric options are checked in one place, GenerationOptions.validate
@@ -128,7 +128,7 @@ def open_text_model(out: Output, model: str, *, engine: str | None, ctx: int | N
     from llmctl.engines.base import LoadOptions
     from llmctl.errors import UsageError
     from llmctl.memory import check_fits, model_shape
-    from llmctl.store.pull import runnable
+    from llmctl.store.resolve import runnable
 
     layout, catalog = open_store()
     with out.progress() as report:

@@ -33,8 +33,9 @@ def show(
         llmctl show smollm2 --verify
     """
     from llmctl.cli.common import open_store
-    from llmctl.store.models import describe, verify_files
-    from llmctl.store.names import resolve_stored
+    from llmctl.store.details import describe
+    from llmctl.store.lookup import resolve_stored
+    from llmctl.store.model_files import verify_files
 
     out = Output(json_mode=json)
     layout, catalog = open_store()

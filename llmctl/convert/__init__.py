@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from llmctl.store.layout import StoreLayout
 
 if TYPE_CHECKING:
-    from llmctl.store.pull import Runnable
+    from llmctl.store.resolve import Runnable
 
 PREFIX = "convert-"
 
@@ -30,7 +30,7 @@ def result_name(source: Runnable, suffix: str, name: str | None) -> tuple[str, s
     source's name with its tag + `suffix` (smollm2:135m -> smollm2:135m-mlx-q4; a model
     run from a path: its name, `suffix` as the tag)."""
     from llmctl.store.names import DEFAULT_TAG, sanitize_name
-    from llmctl.store.pull import resolve_name
+    from llmctl.store.register import resolve_name
 
     if source.manifest is None:
         return resolve_name(name, sanitize_name(source.name), suffix)

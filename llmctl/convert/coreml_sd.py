@@ -54,9 +54,11 @@ from llmctl.formats import coreml as coreml_format
 from llmctl.store import manifest as manifests
 from llmctl.store.catalog import Catalog
 from llmctl.store.layout import StoreLayout, write_atomically
+from llmctl.store.lookup import find_stored
 from llmctl.store.manifest import Manifest
-from llmctl.store.names import NameRef, find_stored, parse_reference
-from llmctl.store.pull import OnEvent, PullEvent, Runnable, register, runnable
+from llmctl.store.names import NameRef, parse_reference
+from llmctl.store.register import OnEvent, PullEvent, register
+from llmctl.store.resolve import Runnable, runnable
 from llmctl.store.sources import LocalFiles
 
 CORE_ML = ModelFormat("image", "coreml", "coreml")

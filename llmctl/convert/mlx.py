@@ -29,7 +29,8 @@ from llmctl.store import manifest as manifests
 from llmctl.store.catalog import Catalog
 from llmctl.store.layout import StoreLayout
 from llmctl.store.manifest import Manifest
-from llmctl.store.pull import OnEvent, PullEvent, Runnable, register, runnable
+from llmctl.store.register import OnEvent, PullEvent, register
+from llmctl.store.resolve import Runnable, runnable
 from llmctl.store.sources import LocalFiles
 
 # What MLX's affine quantization takes (mx.quantize).

@@ -38,6 +38,10 @@ class CatalogSource:
     def file(self, quantization: str | None) -> str | None:
         return _get_folded(self.files, quantization)
 
+    def offers(self, quantization: str | None) -> bool:
+        """False when the source lists its files per quantization and not this one."""
+        return not (quantization and self.files and self.file(quantization) is None)
+
     def sha256(self, quantization: str) -> str | None:
         value = self.options.get("sha256", {})
         if isinstance(value, str):  # a source of one file (type "url")

@@ -2,7 +2,7 @@
 Hugging Face cache. Their files are linked into the store (hard links where the filesystem
 allows), never copied, so an import costs no space and almost no time.
 
-Each source module (`sources/ollama.py`, `sources/hf_cache.py`) reads its tool's folder
+Each importer (`importers/ollama.py`, `importers/hf_cache.py`) reads its tool's folder
 layout and returns `FoundModel`s; this module decides what to do with each. Files are
 hashed as they are registered: the digests the other tool's layout states are checked,
 never trusted.
@@ -10,45 +10,22 @@ never trusted.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from llmctl.errors import LlmctlError, UsageError
-from llmctl.formats import ModelFormat
+from llmctl.store import importers
 from llmctl.store import manifest as manifests
+from llmctl.store.importers import FoundModel
 from llmctl.store.layout import StoreLayout
 from llmctl.store.manifest import Manifest
 from llmctl.store.sources import LocalFiles
 
 if TYPE_CHECKING:
-    from llmctl.store.pull import OnEvent
+    from llmctl.store.register import OnEvent
 
-SOURCES = ("ollama", "hf-cache")
-
-
-@dataclass(frozen=True)
-class FoundModel:
-    """A model in another tool's folder, as it would be stored."""
-
-    name: str
-    tag: str
-    format: ModelFormat | None
-    paths: list[Path] = field(default_factory=list)
-    names: list[str] = field(default_factory=list)  # each file's name inside the model
-    # "sha256:<hex>" where the other tool's layout already states it (Ollama's blob names,
-    # the Hub's LFS blobs); None where it must be computed (small git-stored files).
-    digests: list[str | None] = field(default_factory=list)
-    origin: dict[str, Any] = field(default_factory=dict)
-    problem: str | None = None  # why it cannot be imported
-
-    @property
-    def reference(self) -> str:
-        return f"{self.name}:{self.tag}"
-
-    @property
-    def size(self) -> int:
-        return sum(p.stat().st_size for p in self.paths)
+SOURCES = tuple(importers.IMPORTERS)
 
 
 Status = Literal["imported", "exists", "would import", "skipped", "failed"]
@@ -78,18 +55,7 @@ class ImportResult:
 
 def scan(source: str, folder: Path | None) -> tuple[Path, list[FoundModel]]:
     """The folder read (the default one when `folder` is None) and what it holds."""
-    if source == "ollama":
-        from llmctl.store.sources import ollama
-
-        root = ollama.models_dir(folder)
-        return root, ollama.scan(root)
-    if source == "hf-cache":
-        from llmctl.store.sources import hf_cache
-
-        root = hf_cache.cache_dir(folder)
-        return root, hf_cache.scan(root)
-    raise UsageError(f"unknown import source '{source}'",
-                     hint=f"choose one of: {', '.join(SOURCES)}")
+    return importers.read(source, folder)
 
 
 def select(found: list[FoundModel], wanted: list[str]) -> list[FoundModel]:
@@ -149,7 +115,7 @@ def import_models(
             results.append(ImportResult(model, "would import"))
             continue
         # Here, not at the top: a dry run (a scan) needs none of pull's machinery.
-        from llmctl.store.pull import register
+        from llmctl.store.register import register
 
         try:
             result = register(layout, _local_files(model), name=model.name, tag=model.tag,

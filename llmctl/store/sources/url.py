@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
@@ -20,12 +20,11 @@ from llmctl.store.archives import unpack_archive
 from llmctl.store.credentials import public_url
 from llmctl.store.layout import StoreLayout
 from llmctl.store.names import UrlRef, sanitize_name
-from llmctl.store.sources import LocalFiles
+from llmctl.store.sources import FileProgress, LocalFiles
 
 if TYPE_CHECKING:
-    from llmctl.store.pull import PullOptions
+    from llmctl.store.sources import PullOptions
 
-FileProgress = Callable[[str, int, int], None]
 ARCHIVES = (".zip", ".tar.gz", ".tgz")
 # Environment variables a token for an entry with `auth = true` is read from.
 TOKEN_VARIABLES = ("LLMCTL_TOKEN",)
@@ -74,9 +73,9 @@ def fetching(layout: StoreLayout, ref: UrlRef, options: PullOptions, *,
     return _fetching(layout, request, options, unpack=None, on_progress=on_progress)
 
 
-def fetching_catalog_source(layout: StoreLayout, source: dict[str, Any], options: PullOptions,
-                            *, on_progress: FileProgress, model: str = ""
-                            ) -> contextlib.AbstractContextManager[LocalFiles]:
+def catalog_files(layout: StoreLayout, source: dict[str, Any], quantization: str | None,
+                  options: PullOptions, *, on_progress: FileProgress, model: str = ""
+                  ) -> contextlib.AbstractContextManager[LocalFiles]:
     """`fetching` for a catalog source of type "url": `url`, optional `sha256`,
     `alternative_urls`, `auth` (a token from LLMCTL_TOKEN, or HF_TOKEN for the Hub, sent
     to the entry's own origin only) and `unpack`."""

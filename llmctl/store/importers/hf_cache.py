@@ -26,14 +26,14 @@ from llmctl.errors import UsageError
 from llmctl.formats import GGUF, detect_format, diffusers
 from llmctl.formats.hf import TEXT_SUFFIXES
 from llmctl.store.catalog import quantization_in
-from llmctl.store.imports import FoundModel
+from llmctl.store.importers import FoundModel
 from llmctl.store.names import DEFAULT_TAG, sanitize_name
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _SHARD = re.compile(r"-\d{5}-of-(\d{5})\.gguf$", re.IGNORECASE)
 
 
-def cache_dir(given: Path | None = None) -> Path:
+def find_root(given: Path | None = None) -> Path:
     """--cache-dir, else where huggingface_hub puts its cache, by the same variables."""
     if given is not None:
         root = given.expanduser()

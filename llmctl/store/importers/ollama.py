@@ -21,7 +21,7 @@ from typing import Any
 
 from llmctl.errors import UsageError
 from llmctl.formats import GGUF
-from llmctl.store.imports import FoundModel
+from llmctl.store.importers import FoundModel
 from llmctl.store.names import sanitize_name
 
 MEDIA = "application/vnd.ollama.image."
@@ -31,7 +31,7 @@ SMALL = 64 * 1024  # template, system and params layers read into the manifest's
 _DIGEST = re.compile(r"^sha256[:-]([0-9a-f]{64})$")
 
 
-def models_dir(given: Path | None = None) -> Path:
+def find_root(given: Path | None = None) -> Path:
     """--ollama-dir, else $OLLAMA_MODELS, else ~/.ollama/models, else where Linux's
     installer keeps the service's models."""
     if given is not None:
