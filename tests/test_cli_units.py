@@ -11,6 +11,7 @@ from llmctl import errors
 from llmctl.cli import errors as table
 from llmctl.cli.output import Output
 from llmctl.engines import registry
+from llmctl.store.register import PullEvent
 from llmctl.units import format_age, format_bytes, format_count
 
 
@@ -58,8 +59,8 @@ def test_progress_outside_a_terminal_prints_each_status_once() -> None:
     out = Output(stdout=io.StringIO(), stderr=err)
     with out.progress() as report:
         for done in range(5):
-            report("m:1", "verifying", done, 4)
-        report("m:1", "success", 0, 0)
+            report(PullEvent("m:1", "verifying", done, 4))
+        report(PullEvent("m:1", "success"))
     assert err.getvalue() == "m:1: verifying\nm:1: success\n"
 
 
@@ -67,7 +68,7 @@ def test_quiet_and_json_modes_print_no_progress() -> None:
     for out in (Output(quiet=True, stderr=io.StringIO()), Output(json_mode=True,
                                                                    stderr=io.StringIO())):
         with out.progress() as report:
-            report("m", "s", 1, 2)
+            report(PullEvent("m", "s", 1, 2))
         assert out.stderr.getvalue() == ""
 
 

@@ -118,19 +118,14 @@ def ls(
     out = Output(json_mode=json, quiet=quiet)
     _, known = open_store()
     entries = [e for e in known.entries if not (user and known.is_shipped(e))]
-    if json:
-        out.json([dict(e.to_dict(), origin=str(known.origin(e)), shipped=known.is_shipped(e))
-                  for e in entries])
-        return
-    if quiet:
-        for entry in entries:
-            out.line(entry.reference)
-        return
-    rows = [(e.reference, e.kind or "?", e.engine or "?", e.format or "?",
-             format_bytes(e.size) if e.size else "-", ", ".join(s.type for s in e.sources),
-             known.label(e))
-            for e in entries]
-    out.table(("NAME", "KIND", "ENGINE", "FORMAT", "SIZE", "SOURCES", "FROM"), rows)
+    out.records(
+        entries, record=lambda e: dict(e.to_dict(), origin=str(known.origin(e)),
+                                       shipped=known.is_shipped(e)),
+        name=lambda e: e.reference,
+        columns=("NAME", "KIND", "ENGINE", "FORMAT", "SIZE", "SOURCES", "FROM"),
+        row=lambda e: (e.reference, e.kind or "?", e.engine or "?", e.format or "?",
+                       format_bytes(e.size) if e.size else "-",
+                       ", ".join(s.type for s in e.sources), known.label(e)))
 
 
 def export(

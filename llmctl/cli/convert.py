@@ -144,7 +144,7 @@ def convert(
     with out.progress() as report:
         result = convert_to_mlx(
             model, layout, catalog, options=options, name=name, force=force,
-            on_event=lambda e: report(e.model, e.status, e.completed, e.total))
+            on_event=report)
     manifest = result.manifest
     bits = f", {result.bits_per_weight:g} bits per weight" if result.bits_per_weight else ""
     out.info(f"{manifest.reference}: {format_bytes(manifest.size)}{bits}, converted from "
@@ -166,7 +166,7 @@ def _to_coreml(model: str, options: CoremlOptions, name: str | None, force: bool
     with out.progress() as report:
         result = convert_to_coreml(
             model, layout, catalog, options=options, name=name, force=force,
-            on_event=lambda e: report(e.model, e.status, e.completed, e.total))
+            on_event=report)
     for warning in result.warnings:
         out.warn(warning)
     for note in result.notes:

@@ -166,7 +166,7 @@ def open_image_model(out: Output, model: str, engine: str | None, options: Image
     layout, catalog = open_store()
     with out.progress() as report:
         target = runnable(model, layout, catalog,
-                          on_event=lambda e: report(e.model, e.status, e.completed, e.total))
+                          on_event=report)
     if target.kind != "image":
         raise UsageError(f"{target.name} is a text model", hint=f"try: llmctl run {model}")
     spec = registry.choose(target.format, target.kind, engine)

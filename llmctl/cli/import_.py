@@ -63,13 +63,11 @@ def import_(
     with out.progress() as report:
         results = import_models(
             StoreLayout.default(), found, dry_run=dry_run,
-            on_event=lambda e: report(e.model, e.status, e.completed, e.total))
-    if json:
-        out.json([r.to_dict() for r in results])
+            on_event=report)
+    out.records(results, record=lambda r: r.to_dict(), name=lambda r: r.found.reference,
+                listed=lambda r: r.status in ("imported", "would import"))
     for result in results:
         ref = result.found.reference
-        if result.status in ("imported", "would import") and not json:
-            out.line(ref)
         if result.status == "imported":
             out.info(f"{ref}: imported, {format_bytes(result.found.size)} "
                      f"{'linked' if result.reason != 'copy' else 'written'}")

@@ -11,7 +11,9 @@ from llmctl.cli.output import Output
 from llmctl.units import format_age, format_bytes
 
 if TYPE_CHECKING:
+    from llmctl.gallery import GalleryImage
     from llmctl.store.catalog import AvailableModel
+    from llmctl.store.download import Partial
     from llmctl.store.layout import StoreLayout
 
 
@@ -71,22 +73,14 @@ def ls(
     models = [m for m in list_models(layout)
               if (not engine or m.manifest.engine == engine)
               and (not kind or m.manifest.kind == kind)]
-    if json:
-        out.json([dict(m.manifest.to_dict(), modified=m.modified) for m in models])
-        return
-    if quiet:
-        for model in models:
-            out.line(model.manifest.reference)
-        return
-    rows = [
-        (m.manifest.reference, m.manifest.id, format_bytes(m.manifest.size),
-         format_age(m.modified), m.manifest.engine, m.manifest.format)
-        for m in models
-    ]
-    out.table(("NAME", "ID", "SIZE", "MODIFIED", "ENGINE", "FORMAT"), rows)
-    total = store_size(models)
-    out.info(f"{len(models)} model{'s' if len(models) != 1 else ''}, {format_bytes(total)}"
-             f" in {layout.root}")
+    out.records(
+        models, record=lambda m: dict(m.manifest.to_dict(), modified=m.modified),
+        name=lambda m: m.manifest.reference,
+        columns=("NAME", "ID", "SIZE", "MODIFIED", "ENGINE", "FORMAT"),
+        row=lambda m: (m.manifest.reference, m.manifest.id, format_bytes(m.manifest.size),
+                       format_age(m.modified), m.manifest.engine, m.manifest.format),
+        summary=f"{len(models)} model{'s' if len(models) != 1 else ''}, "
+                f"{format_bytes(store_size(models))} in {layout.root}")
 
 
 def _available(out: Output, layout: StoreLayout, engine: str | None, kind: str | None,
@@ -95,19 +89,14 @@ def _available(out: Output, layout: StoreLayout, engine: str | None, kind: str |
 
     found = available(Catalog.default(layout.root), layout, engine=engine, kind=kind,
                       fits=fits)
-    if out.json_mode:
-        out.json([m.to_dict() for m in found.models])
-        return
-    if out.quiet:
-        for model in found.models:
-            out.line(model.entry.reference)
-        return
-    out.table(("NAME", "SIZE", "ENGINE", "KIND", "FORMAT", "FITS", "STORED", "QUANTIZATIONS"),
-              [_row(m) for m in found.models])
     memory = format_bytes(found.memory) if found.memory else "unknown"
     fitting = sum(1 for m in found.models if m.fits)
-    out.info(f"{len(found.models)} model{'s' if len(found.models) != 1 else ''}, {fitting} "
-             f"fit in {memory} of memory; pull one with: llmctl pull NAME:TAG")
+    out.records(
+        found.models, record=lambda m: m.to_dict(), name=lambda m: m.entry.reference,
+        columns=("NAME", "SIZE", "ENGINE", "KIND", "FORMAT", "FITS", "STORED",
+                 "QUANTIZATIONS"), row=_row,
+        summary=f"{len(found.models)} model{'s' if len(found.models) != 1 else ''}, "
+                f"{fitting} fit in {memory} of memory; pull one with: llmctl pull NAME:TAG")
 
 
 def _row(model: AvailableModel) -> tuple[str, ...]:
@@ -125,48 +114,42 @@ def _partial(out: Output, layout: StoreLayout) -> None:
     from llmctl.store.download import partials
 
     found = partials(layout)
-    if out.json_mode:
-        out.json([{"id": p.key, "model": p.model, "url": p.url, "done": p.done,
-                   "size": p.size, "updated": p.updated} for p in found])
-        return
-    if out.quiet:
-        for p in found:
-            out.line(p.key)
-        return
-    rows = []
-    for p in found:
-        share = f"{100 * p.done / p.size:.0f}%" if p.size else "?"
-        of = f"{format_bytes(p.done)}/{format_bytes(p.size) if p.size else '?'}"
-        rows.append((p.key[:12], p.model or "-", f"{share} {of}", format_age(p.updated),
-                     p.url))
-    out.table(("ID", "MODEL", "PROGRESS", "UPDATED", "URL"), rows)
-    out.info(f"{len(found)} interrupted download{'s' if len(found) != 1 else ''}; the same "
-             "pull continues one, llmctl rm --partial deletes them")
+    out.records(
+        found, record=lambda p: {"id": p.key, "model": p.model, "url": p.url, "done": p.done,
+                                 "size": p.size, "updated": p.updated},
+        name=lambda p: p.key, columns=("ID", "MODEL", "PROGRESS", "UPDATED", "URL"),
+        row=_partial_row,
+        summary=f"{len(found)} interrupted download{'s' if len(found) != 1 else ''}; the "
+                "same pull continues one, llmctl rm --partial deletes them")
+
+
+def _partial_row(p: Partial) -> tuple[str, ...]:
+    share = f"{100 * p.done / p.size:.0f}%" if p.size else "?"
+    of = f"{format_bytes(p.done)}/{format_bytes(p.size) if p.size else '?'}"
+    return p.key[:12], p.model or "-", f"{share} {of}", format_age(p.updated), p.url
 
 
 def _images(out: Output, layout: StoreLayout) -> None:
-    from datetime import datetime
-
     from llmctl.gallery import gallery_folder, list_images
 
     found = list_images(layout)
-    if out.json_mode:
-        out.json([{**image.meta, "id": image.id, "path": str(image.path)} for image in found])
-        return
-    if out.quiet:
-        for image in found:
-            out.line(image.id)
-        return
-    rows = []
-    for image in found:
-        meta = image.meta
-        prompt = " ".join(str(meta.get("prompt", "")).split())
-        try:
-            created = format_age(datetime.fromisoformat(meta["created"]).timestamp())
-        except (KeyError, TypeError, ValueError):
-            created = "?"
-        rows.append((image.id, f"{meta.get('width', '?')}x{meta.get('height', '?')}",
-                     str(meta.get("seed", "?")), created,
-                     prompt[:60] + ("..." if len(prompt) > 60 else "")))
-    out.table(("ID", "SIZE", "SEED", "CREATED", "PROMPT"), rows)
-    out.info(f"{len(found)} image{'s' if len(found) != 1 else ''} in {gallery_folder(layout)}")
+    out.records(
+        found, record=lambda image: {**image.meta, "id": image.id, "path": str(image.path)},
+        name=lambda image: image.id, columns=("ID", "SIZE", "SEED", "CREATED", "PROMPT"),
+        row=_image_row,
+        summary=f"{len(found)} image{'s' if len(found) != 1 else ''} in "
+                f"{gallery_folder(layout)}")
+
+
+def _image_row(image: GalleryImage) -> tuple[str, ...]:
+    from datetime import datetime
+
+    meta = image.meta
+    prompt = " ".join(str(meta.get("prompt", "")).split())
+    try:
+        created = format_age(datetime.fromisoformat(meta["created"]).timestamp())
+    except (KeyError, TypeError, ValueError):
+        created = "?"
+    return (image.id, f"{meta.get('width', '?')}x{meta.get('height', '?')}",
+            str(meta.get("seed", "?")), created,
+            prompt[:60] + ("..." if len(prompt) > 60 else ""))

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO, TypeVar
 
 from llmctl.units import format_seconds
 
@@ -101,26 +101,75 @@ class Output:
         return answer.strip().lower() in ("y", "yes")
 
     @contextmanager
-    def progress(self) -> Iterator[Callable[[str, str, int, int], None]]:
-        """A function to report (task, status, done, total): bars on a terminal, one line
-        per status change otherwise, nothing when quiet or writing JSON."""
+    def progress(self) -> Iterator[Callable[[ProgressEvent], None]]:
+        """A function to hand progress events to (the library's PullEvent, or anything
+        with model, status, completed and total): bars on a terminal, one line per status
+        change otherwise, nothing when quiet or writing JSON. Pass it as `on_event`."""
         if self.quiet or self.json_mode:
-            yield lambda task, status, done, total: None
+            yield lambda event: None
             return
         if not self.fancy_stderr:
             seen: set[tuple[str, str]] = set()
 
-            def plain(task: str, status: str, done: int, total: int) -> None:
-                if (task, status) not in seen:
-                    seen.add((task, status))
-                    self.info(f"{task}: {status}")
+            def plain(event: ProgressEvent) -> None:
+                if (event.model, event.status) not in seen:
+                    seen.add((event.model, event.status))
+                    self.info(f"{event.model}: {event.status}")
 
             yield plain
             return
         yield from _rich_progress(self.stderr)
 
+    # -- records: the modes in one place ---------------------------------------------------
 
-def _rich_progress(stream: TextIO) -> Iterator[Callable[[str, str, int, int], None]]:
+    def records(self, items: Sequence[T], *, record: Callable[[T], Any],
+                name: Callable[[T], str], columns: Sequence[str] | None = None,
+                row: Callable[[T], Sequence[str]] | None = None, summary: str | None = None,
+                listed: Callable[[T], bool] | None = None) -> None:
+        """A listing: one JSON document of every item's `record` (--json); otherwise the
+        items `listed` lets through (all by default), as one `name` per line (--quiet, or
+        no `columns`) or a table of `row`s under `columns` with `summary` on stderr."""
+        if self.json_mode:
+            self.json([record(item) for item in items])
+            return
+        shown = [item for item in items if listed is None or listed(item)]
+        if self.quiet or columns is None or row is None:
+            for item in shown:
+                self.line(name(item))
+        else:
+            self.table(columns, [row(item) for item in shown])
+            if summary:
+                self.info(summary)
+
+    def document(self, record: Any, lines: Callable[[], Iterable[str]]) -> None:
+        """One thing described: its JSON document (--json), else the `lines` a person
+        reads."""
+        if self.json_mode:
+            self.json(record)
+        else:
+            for line in lines():
+                self.line(line)
+
+    def item(self, record: Any, name: str) -> None:
+        """One thing made or stored, as it is made: its JSON line (--json), else its
+        name on a line of its own (what scripts read)."""
+        if self.json_mode:
+            self.json_line(record)
+        else:
+            self.line(name)
+
+
+class ProgressEvent(Protocol):
+    model: str
+    status: str
+    completed: int
+    total: int
+
+
+T = TypeVar("T")
+
+
+def _rich_progress(stream: TextIO) -> Iterator[Callable[[ProgressEvent], None]]:
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -140,7 +189,8 @@ def _rich_progress(stream: TextIO) -> Iterator[Callable[[str, str, int, int], No
     )
     tasks: dict[tuple[str, str], Any] = {}
 
-    def report(task: str, status: str, done: int, total: int) -> None:
+    def report(event: ProgressEvent) -> None:
+        task, status, done, total = event.model, event.status, event.completed, event.total
         key = (task, status)
         if key not in tasks:
             tasks[key] = bars.add_task(f"{task}: {status}", total=total or None)

@@ -8,6 +8,7 @@ import typer
 
 from llmctl.cli.common import JsonOpt, QuietOpt, complete_model
 from llmctl.cli.output import Output
+from llmctl.errors import UsageError
 from llmctl.units import format_bytes
 
 
@@ -25,9 +26,10 @@ def _rate(text: str) -> int:
             raise ValueError(text)
         value = int(amount)
     except ValueError:
-        raise typer.BadParameter(f"'{text}' is not a speed; use e.g. 500K, 10M, 1G") from None
+        raise UsageError(f"--rate-limit '{text}' is not a speed",
+                         hint="use e.g. 500K, 10M, 1G") from None
     if value <= 0:
-        raise typer.BadParameter("the rate limit must be above zero")
+        raise UsageError("--rate-limit must be above zero", hint="use e.g. 500K, 10M, 1G")
     return value
 
 
@@ -70,7 +72,8 @@ def pull(
     from llmctl.store.sources import PullOptions
 
     if name and len(models) > 1:
-        raise typer.BadParameter("--name needs exactly one MODEL", param_hint="--name")
+        raise UsageError("--name needs exactly one MODEL",
+                         hint="pull the others without --name")
     options = PullOptions(parts=parts, rate_limit=_rate(rate_limit) if rate_limit else None)
     out = Output(json_mode=json, quiet=quiet)
     layout, catalog = open_store()
@@ -78,7 +81,7 @@ def pull(
         for text in models:
             result = pull_model(
                 text, layout, catalog, name=name, force=force, options=options,
-                on_event=lambda e: report(e.model, e.status, e.completed, e.total),
+                on_event=report,
             )
             manifest = result.manifest
             if result.status == "exists":
@@ -88,7 +91,4 @@ def pull(
                        "copy": "written", "existing": "reused a stored file",
                        "downloaded": "downloaded and verified"}[result.how]
                 out.info(f"{manifest.reference}: {format_bytes(manifest.size)}, {how}")
-            if json:
-                out.json_line(manifest.to_dict())
-            else:
-                out.line(manifest.reference)
+            out.item(manifest.to_dict(), manifest.reference)

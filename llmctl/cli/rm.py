@@ -8,6 +8,7 @@ import typer
 
 from llmctl.cli.common import complete_stored_model
 from llmctl.cli.output import Output, is_terminal
+from llmctl.errors import UsageError
 from llmctl.units import format_bytes
 
 
@@ -54,11 +55,11 @@ def rm(
         return
     if broken:
         if models:
-            raise typer.BadParameter("--broken takes no MODEL", param_hint="MODEL")
+            raise UsageError("--broken takes no MODEL", hint="llmctl rm --broken [-y]")
         _rm_broken(out, yes=yes, dry_run=dry_run)
         return
     if not models:
-        raise typer.BadParameter("name at least one MODEL", param_hint="MODEL")
+        raise UsageError("name at least one MODEL", hint="see: llmctl ls")
     from llmctl.store.removal import plan_removal, remove
 
     layout, catalog = open_store()
@@ -84,11 +85,9 @@ def _confirmed(out: Output, question: str) -> bool:
     """Ask on a terminal; refuse (exit 2) in a script, where nobody can answer."""
     import sys
 
-    from llmctl.cli.errors import USAGE
-
     if not is_terminal(sys.stdin):
-        out.error("refusing to delete without confirmation; pass -y to delete from a script")
-        raise typer.Exit(USAGE)
+        raise UsageError("refusing to delete without confirmation",
+                         hint="pass -y to delete from a script")
     if out.confirm(question):
         return True
     out.info("nothing deleted")
@@ -97,7 +96,6 @@ def _confirmed(out: Output, question: str) -> bool:
 
 def _rm_partial(out: Output, keys: list[str], *, yes: bool, dry_run: bool) -> None:
 
-    from llmctl.cli.errors import USAGE
     from llmctl.store import download
     from llmctl.store.layout import StoreLayout
 
@@ -105,8 +103,8 @@ def _rm_partial(out: Output, keys: list[str], *, yes: bool, dry_run: bool) -> No
     found = download.partials(layout)
     chosen = [p for p in found if not keys or any(p.key.startswith(k) for k in keys)]
     if keys and (missing := [k for k in keys if not any(p.key.startswith(k) for p in found)]):
-        out.error(f"no interrupted download {', '.join(missing)}; see: llmctl ls --partial")
-        raise typer.Exit(USAGE)
+        raise UsageError(f"no interrupted download {', '.join(missing)}",
+                         hint="see: llmctl ls --partial")
     size = sum(p.path.stat().st_size for p in chosen if p.path.exists())
     if dry_run or not chosen:
         for p in chosen:
@@ -131,7 +129,7 @@ def _rm_images(out: Output, ids: list[str], *, yes: bool, dry_run: bool) -> None
     from llmctl.store.layout import StoreLayout
 
     if not ids:
-        raise typer.BadParameter("name at least one image ID", param_hint="ID")
+        raise UsageError("name at least one image ID", hint="see: llmctl ls --images")
     chosen = find_images(StoreLayout.default(), ids)
     if dry_run:
         for found in chosen:

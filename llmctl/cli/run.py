@@ -133,7 +133,7 @@ def open_text_model(out: Output, model: str, *, engine: str | None, ctx: int | N
     layout, catalog = open_store()
     with out.progress() as report:
         target = runnable(model, layout, catalog,
-                          on_event=lambda e: report(e.model, e.status, e.completed, e.total))
+                          on_event=report)
     if target.kind != "text":
         raise UsageError(f"{target.name} is an image model", hint="use llmctl imagine")
     spec = registry.choose(target.format, target.kind, engine)

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from llmctl.cli.common import JsonOpt, ModelArg
 from llmctl.cli.output import Output
+from llmctl.errors import UsageError
 from llmctl.units import format_bytes, format_count
+
+if TYPE_CHECKING:
+    from llmctl.store.details import ModelDetails
 
 
 def show(
@@ -36,6 +41,7 @@ def show(
     from llmctl.store.details import describe
     from llmctl.store.lookup import resolve_stored
     from llmctl.store.model_files import verify_files
+    from llmctl.store.register import PullEvent
 
     out = Output(json_mode=json)
     layout, catalog = open_store()
@@ -43,21 +49,25 @@ def show(
         stored = resolve_stored(layout, catalog, model)
         with out.progress() as report:
             verify_files(layout, stored, on_progress=lambda name, done, total: report(
-                stored.reference, f"verifying {name}", done, total))
+                PullEvent(stored.reference, f"verifying {name}", done, total)))
     details = describe(layout, catalog, model)
     manifest = details.manifest
     if template:
         chat_template = details.metadata.get("tokenizer.chat_template")
         if chat_template is None:
-            out.error(f"{manifest.reference} has no chat template")
-            raise typer.Exit(1)
+            raise UsageError(f"{manifest.reference} has no chat template",
+                             hint="its prompts are sent as plain text")
         out.line(chat_template)
         return
-    if json:
-        out.json(dict(manifest.to_dict(), path=str(details.path), verified=details.verified,
+    out.document(dict(manifest.to_dict(), path=str(details.path), verified=details.verified,
                       summary=details.summary, gguf=details.metadata,
-                      tensor_types=details.tensor_types))
-        return
+                      tensor_types=details.tensor_types),
+                 lambda: _lines(details, metadata))
+
+
+def _lines(details: ModelDetails, metadata: bool) -> Iterator[str]:
+    """`show` for a person: sections of aligned keys and values."""
+    manifest = details.manifest
     s = details.summary
     sections = {
         "Model": [
@@ -87,12 +97,12 @@ def show(
     if metadata:
         sections["Metadata"] = [(k, _short(v)) for k, v in details.metadata.items()]
     for title, rows in sections.items():
-        out.line(f"  {title}")
+        yield f"  {title}"
         width = max(len(k) for k, _ in rows)
         for key, value in rows:
             if value is not None:
-                out.line(f"    {key.ljust(width)}    {value}")
-        out.line()
+                yield f"    {key.ljust(width)}    {value}"
+        yield ""
 
 
 def _short(value: object) -> str:
