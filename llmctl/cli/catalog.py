@@ -178,18 +178,10 @@ def import_(
         llmctl catalog import models.json
         curl -s https://host/models.json | llmctl catalog import -
     """
-    import sys
-    from pathlib import Path
-
     from llmctl.cli.common import open_store
-    from llmctl.errors import UsageError
     from llmctl.store import user_catalog
 
-    try:
-        text = sys.stdin.read() if file == "-" else Path(file).expanduser().read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"cannot read {file}: {getattr(exc, 'strerror', None) or exc}") from None
-    entries = user_catalog.from_registry(text, "stdin" if file == "-" else file)
+    entries = user_catalog.read_registry(file)
     layout, _ = open_store()
     _report(Output(), user_catalog.save(layout, entries, force=force, replace_own=True))
 

@@ -287,6 +287,17 @@ def _registry_item(entry: CatalogEntry) -> dict[str, Any]:
     return item
 
 
+def read_registry(file: str) -> list[CatalogEntry]:
+    """Entries from a registry JSON file, or stdin for "-" (see from_registry)."""
+    import sys
+
+    try:
+        text = sys.stdin.read() if file == "-" else Path(file).expanduser().read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read {file}: {getattr(exc, 'strerror', None) or exc}") from None
+    return from_registry(text, "stdin" if file == "-" else file)
+
+
 def from_registry(text: str, label: str) -> list[CatalogEntry]:
     """Entries from registry JSON (`{"custom": [...]}`, or the list alone). Every error
     names the entry; nothing is returned unless every entry is good."""
