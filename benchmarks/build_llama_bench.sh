@@ -2,8 +2,9 @@
 # Build llama.cpp's own `llama-bench` from the llama.cpp sources vendored in the source
 # distribution of the llama-cpp-python version installed in a venv, with the options that
 # llama-cpp-python's CMakeLists.txt uses on Linux/macOS (Release, shared libraries, curl
-# off, ggml's defaults, so GGML_NATIVE=ON as in the wheel pip built here). Same code, same
-# flags: the comparison in generation.py measures the Python side only.
+# off) plus the CPU options scripts/setup.sh builds llama-cpp-python with
+# (scripts/llama-cmake-args.sh). Same code, same flags: the comparison in generation.py
+# measures the Python side only.
 #
 #   sh benchmarks/build_llama_bench.sh [VENV]      (default: .venv)
 #
@@ -26,7 +27,8 @@ if [ ! -x "$binary" ]; then
     fi
     cmake -S "$src/vendor/llama.cpp" -B "$build" -DCMAKE_BUILD_TYPE=Release \
         -DBUILD_SHARED_LIBS=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF \
-        -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF >&2
+        -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
+        ${CMAKE_ARGS:-$(sh scripts/llama-cmake-args.sh)} >&2
     cmake --build "$build" --target llama-bench -j "$(nproc 2>/dev/null || sysctl -n hw.ncpu)" >&2
 fi
 echo "$binary"

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llmctl.engines.base import Done, Event, GenerationOptions, Message, TextEngine, Token
+from llmctl.engines.text import Done, Event, GenerationOptions, Message, TextEngine, Token
 from llmctl.errors import AmbiguousReference, InvalidName, StoreWarning, UsageError
 from llmctl.store.layout import path_part, write_atomically
 
@@ -251,10 +251,7 @@ class ChatSession:
         return [*system, *kept, Message("user", user)]
 
     def _fit(self, user: str) -> Trimmed | None:
-        count = getattr(self.engine, "count_tokens", None)
-        context = getattr(self.engine, "context_length", None)
-        if count is None or not context:
-            return None  # an engine that cannot count tokens gets the whole history
+        count, context = self.engine.count_tokens, self.engine.context_length
         limit = context - reply_room(context, self.options.max_tokens)
         before = self.skipped
         while (self.skipped < len(self.conversation.turns)

@@ -224,8 +224,18 @@ def peak_memory_bytes() -> int:
 
 
 MEMORY_LIMIT_ENV = "LLMCTL_MEMORY_LIMIT"
+# The share of the usable memory llmctl plans for a model to need, leaving the rest to the
+# system and other programs. The one rule: run, chat and imagine refuse a model whose
+# estimate is above it (llmctl.engines.memory), `ls --available --fits` lists only catalog
+# models within it, convert warns above it.
+MEMORY_SHARE = 0.9
 
 
+def allowed_memory() -> int | None:
+    """The most memory llmctl plans for a model to need: MEMORY_SHARE of what this process
+    may use (`usable_memory_bytes`). None when that is unknown: then nothing is refused."""
+    usable = usable_memory_bytes()
+    return int(usable * MEMORY_SHARE) if usable is not None else None
 
 
 def usable_memory_bytes() -> int | None:
@@ -309,3 +319,15 @@ def _cgroup_limit() -> int | None:
             limits.append(int(value))
     # v1 writes "unlimited" as a huge number (2^63 rounded to pages): min() ignores it.
     return min(limits) if limits else None
+
+
+def default_torch_device() -> str:
+    """The device PyTorch engines pick ("cuda", then "mps", then "cpu"), told without
+    importing torch: what the memory estimate needs to know (a CPU computes float16
+    weights as float32, so they count twice)."""
+    import platform
+    import shutil
+
+    if sys.platform == "darwin" and platform.machine() == "arm64":
+        return "mps"
+    return "cuda" if shutil.which("nvidia-smi") else "cpu"

@@ -24,4 +24,8 @@ echo "installing llmctl[$extras] into .venv (the first time compiles llama.cpp: 
 .venv/bin/python -m pip install --quiet --upgrade pip >&2
 # constraints/test.txt pins torch to the CPU build (see the file); it only constrains
 # packages something asks for, so it costs nothing when torch is not needed.
+# llama.cpp's build options (a portable CPU build: see the script); CMAKE_ARGS, when set,
+# is used as it is.
+CMAKE_ARGS=${CMAKE_ARGS:-$(sh scripts/llama-cmake-args.sh)}
+export CMAKE_ARGS
 .venv/bin/python -m pip install --quiet --constraint constraints/test.txt -e ".[$extras]" >&2

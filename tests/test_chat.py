@@ -19,7 +19,7 @@ from llmctl.chat import (
     read_message,
     run_command,
 )
-from llmctl.engines.base import Done, GenerationOptions, Message, Stats, Token
+from llmctl.engines.text import Done, GenerationOptions, Message, Stats, Token
 from llmctl.errors import AmbiguousReference, UsageError
 
 pexpect = pytest.importorskip("pexpect", reason="pexpect drives chat in a pseudo-terminal "

@@ -30,22 +30,18 @@ pytest.importorskip("diffusers")
 import torch  # noqa: E402
 from conftest import Runner, error_line, llmctl_executable  # noqa: E402
 
-from llmctl.convert import coreml_export as export  # noqa: E402
-from llmctl.convert.attention import (  # noqa: E402
+from llmctl.convert import convert  # noqa: E402
+from llmctl.convert.coreml import CoremlConversion, export  # noqa: E402
+from llmctl.convert.coreml.apple import apple_command  # noqa: E402
+from llmctl.convert.coreml.attention import (  # noqa: E402
     MIN_PSNR_DB,
     AttentionImplementation,
     SplitEinsumAttention,
     check_attention,
     psnr,
 )
-from llmctl.convert.coreml_sd import (  # noqa: E402
-    CoremlConversion,
-    CoremlOptions,
-    Pipeline,
-    apple_command,
-    convert,
-    pipeline_files,
-)
+from llmctl.convert.coreml.options import CoremlOptions  # noqa: E402
+from llmctl.convert.coreml.pipeline import Pipeline, pipeline_files  # noqa: E402
 from llmctl.errors import UsageError  # noqa: E402
 from llmctl.store import manifest as manifests  # noqa: E402
 from llmctl.store.catalog import Catalog  # noqa: E402
@@ -119,7 +115,7 @@ class Converted:
 def _convert(home: Path, source: Path, options: CoremlOptions, events: list[str]
              ) -> CoremlConversion:
     layout = StoreLayout(home)
-    return convert(str(source), layout, Catalog.default(home), options=options,
+    return convert(str(source), "coreml", layout, Catalog.default(home), options=options,
                    on_event=lambda e: events.append(e.status))
 
 
@@ -430,7 +426,7 @@ def _softmax_count(converted: Converted, names: list[str]) -> int:
 def test_the_ane_attention_is_what_core_ml_runs(conversions: Any, tiny_unet: Any) -> None:
     """One softmax per attention layer for ORIGINAL, one per head for SPLIT_EINSUM, one per
     head and query chunk for SPLIT_EINSUM_V2: the layout reached the Core ML program."""
-    from llmctl.convert.attention import attention_modules
+    from llmctl.convert.coreml.attention import attention_modules
 
     layers = attention_modules(tiny_unet())
     heads = sum(m.heads for _, m in layers)
@@ -713,7 +709,7 @@ def test_options_choose_chunking_and_tags() -> None:
 
 def test_memory_is_estimated_and_warned_about(tiny_sd: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    from llmctl.convert.coreml_sd import MEMORY_BASE, _memory_warning, conversion_memory
+    from llmctl.convert.coreml.pipeline import MEMORY_BASE, conversion_memory, memory_warning
     from llmctl.formats.safetensors import tensors as safetensors_tensors
 
     pipeline = Pipeline(tiny_sd, "tiny-sd", None, tiny_sd / "tokenizer" / "vocab.json")
@@ -724,9 +720,9 @@ def test_memory_is_estimated_and_warned_about(tiny_sd: Path,
     # The largest component's float32 weights, twice, on top of the libraries.
     assert conversion_memory(pipeline) == MEMORY_BASE + 8 * max(unet, text)
     monkeypatch.setenv("LLMCTL_MEMORY_LIMIT", "100G")
-    assert _memory_warning(pipeline) is None
+    assert memory_warning(pipeline) is None
     monkeypatch.setenv("LLMCTL_MEMORY_LIMIT", "500M")
-    warning = _memory_warning(pipeline)
+    warning = memory_warning(pipeline)
     assert warning and "needs about 700 MB of memory at its peak" in warning
     assert "the same command continues" in warning
 

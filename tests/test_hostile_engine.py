@@ -21,8 +21,13 @@ from conftest import PARIS, Runner, llmctl_executable
 from hostile import Sandbox, one_line_error
 
 from llmctl import host
-from llmctl.engines import base
-from llmctl.engines.base import GenerationOptions, LoadOptions
+from llmctl.engines.text import (
+    MAX_SEED,
+    MAX_TEMPERATURE,
+    MAX_TOP_K,
+    GenerationOptions,
+    LoadOptions,
+)
 from llmctl.errors import UsageError
 from llmctl.host import CpuSample
 
@@ -167,7 +172,7 @@ def test_the_largest_seed_reproduces(llmctl: Runner, sandbox: Sandbox, gguf_copy
 
 @pytest.mark.parametrize("options", [
     {"temperature": math.nan}, {"temperature": math.inf}, {"top_p": math.nan},
-    {"min_p": math.nan}, {"seed": base.MAX_SEED + 1}, {"seed": -1}, {"top_k": -1},
+    {"min_p": math.nan}, {"seed": MAX_SEED + 1}, {"seed": -1}, {"top_k": -1},
     {"max_tokens": 0},
 ])
 def test_generation_options_validate(options: dict) -> None:
@@ -176,8 +181,8 @@ def test_generation_options_validate(options: dict) -> None:
 
 
 def test_generation_options_at_their_bounds_are_kept() -> None:
-    kept = GenerationOptions(temperature=base.MAX_TEMPERATURE, top_p=1.0, top_k=base.MAX_TOP_K,
-                             seed=base.MAX_SEED, max_tokens=1)
+    kept = GenerationOptions(temperature=MAX_TEMPERATURE, top_p=1.0, top_k=MAX_TOP_K,
+                             seed=MAX_SEED, max_tokens=1)
     assert kept.validate() is kept
 
 
@@ -198,6 +203,7 @@ def test_both_engines_validate_before_each_reply(engine_module: str) -> None:
 def test_mlx_turns_a_top_k_past_the_vocabulary_off() -> None:
     """mlx-lm raises for top_k >= the vocabulary; keeping that many tokens keeps them all."""
     from llmctl.engines import mlx
+    from llmctl.formats import hf
 
     asked = {}
 
@@ -216,8 +222,8 @@ def test_mlx_turns_a_top_k_past_the_vocabulary_off() -> None:
     for top_k, passed in ((50, 0), (10**6, 0), (49, 49), (0, 0)):
         list(engine.generate_from_tokens([1], GenerationOptions(temperature=0.7, top_k=top_k)))
         assert asked["top_k"] == passed
-    assert mlx._vocabulary({"vocab_size": 49152}) == 49152
-    assert mlx._vocabulary({"text_config": {"vocab_size": 7}}) == 7
+    assert hf.vocabulary({"vocab_size": 49152}) == 49152  # what the engine reads it with
+    assert hf.vocabulary({"text_config": {"vocab_size": 7}}) == 7
 
 
 # -- LLMCTL_MEMORY_LIMIT -------------------------------------------------------------------

@@ -10,8 +10,9 @@ from types import SimpleNamespace
 import pytest
 from conftest import PARIS, Runner, error_line
 
-from llmctl import memory
-from llmctl.engines.base import default_context
+from llmctl import host
+from llmctl.engines import memory
+from llmctl.engines.text import default_context
 from llmctl.errors import InsufficientResources
 from llmctl.formats.gguf import read_header
 
@@ -30,7 +31,7 @@ def test_estimate_of_smollm2_from_its_gguf_header(smollm2_gguf: Path) -> None:
     assert (metadata["llama.block_count"], metadata["llama.attention.head_count"],
             metadata["llama.attention.head_count_kv"], metadata["llama.embedding_length"],
             metadata["llama.context_length"]) == (30, 9, 3, 576, 8192)
-    estimate = memory.estimate_memory(target, None)
+    estimate = memory.estimate_text_memory(target, None)
     assert estimate.context_length == 4096  # the model's 8192, capped like the engine:
     assert estimate.context_length == default_context(None, 8192)  # the engines' rule
     # 30 layers × 4096 tokens × 3 KV heads × (64 + 64) head dims × 2 bytes: llama.cpp
@@ -44,11 +45,11 @@ def test_estimate_of_smollm2_from_its_gguf_header(smollm2_gguf: Path) -> None:
 
 def test_a_small_context_shrinks_the_estimate(smollm2_gguf: Path) -> None:
     target = smollm2(smollm2_gguf)
-    small = memory.estimate_memory(target, 300)
+    small = memory.estimate_text_memory(target, 300)
     assert small.context_length == 512  # llama.cpp allocates multiples of 256 cells
     assert small.kv_cache == 30 * 512 * 3 * 128 * 2
     assert small.logits == 512 * 49152 * 4
-    tiny = memory.estimate_memory(target, 100)
+    tiny = memory.estimate_text_memory(target, 100)
     assert tiny.context_length == 256 and tiny.logits == 256 * 49152 * 4
 
 
@@ -79,7 +80,7 @@ def test_estimate_of_a_folder_model_from_config_json(tmp_path: Path) -> None:
     config = {"num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
               "hidden_size": 576, "vocab_size": 49152, "max_position_embeddings": 8192}
     target = make_folder_model(tmp_path / "m", config, 80_000_000)
-    estimate = memory.estimate_memory(target, None)
+    estimate = memory.estimate_text_memory(target, None)
     assert estimate.weights == 80_000_000  # the safetensors only
     assert estimate.context_length == 4096
     assert estimate.kv_cache == 30 * 4096 * 3 * 64 * 2 * 2
@@ -89,27 +90,27 @@ def test_estimate_of_a_folder_model_from_config_json(tmp_path: Path) -> None:
     nested = {"text_config": {"num_hidden_layers": 2, "num_attention_heads": 4,
                               "hidden_size": 64, "head_dim": 32}}
     other = make_folder_model(tmp_path / "n", nested, 1000)
-    assert memory.estimate_memory(other, 100).kv_cache == 2 * 100 * 4 * 32 * 2 * 2
+    assert memory.estimate_text_memory(other, 100).kv_cache == 2 * 100 * 4 * 32 * 2 * 2
     broken = make_folder_model(tmp_path / "b", {}, 1000)
     (broken.path / "config.json").write_text("not json")
-    assert memory.estimate_memory(broken, None).kv_cache == 0
+    assert memory.estimate_text_memory(broken, None).kv_cache == 0
 
 
 def test_check_fits_refuses_above_the_share_unless_forced(
         smollm2_gguf: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    target = smollm2(smollm2_gguf)
-    need = memory.estimate_memory(target, None).total
-    monkeypatch.setenv("LLMCTL_MEMORY_LIMIT", str(int(need / memory.SHARE) + 10))
-    assert memory.check_fits(target, None).fits
+    estimate = memory.estimate_text_memory(smollm2(smollm2_gguf), None)
+    need = estimate.total
+    monkeypatch.setenv("LLMCTL_MEMORY_LIMIT", str(int(need / host.MEMORY_SHARE) + 10))
+    assert memory.check_fits(estimate).fits
     monkeypatch.setenv("LLMCTL_MEMORY_LIMIT", str(need))  # all of it: above 90%
     with pytest.raises(InsufficientResources) as refused:
-        memory.check_fits(target, None)
-    assert refused.value.need == need and refused.value.have == int(need * memory.SHARE)
+        memory.check_fits(estimate)
+    assert refused.value.need == need and refused.value.have == int(need * host.MEMORY_SHARE)
     assert "--force" in refused.value.hint and "LLMCTL_MEMORY_LIMIT" in refused.value.hint
-    forced = memory.check_fits(target, None, force=True)
-    assert not forced.fits and forced.allowed == int(need * memory.SHARE)
-    monkeypatch.setattr(memory, "usable_memory_bytes", lambda: None)
-    assert memory.check_fits(target, None).fits  # nothing known: nothing refused
+    forced = memory.check_fits(estimate, force=True)
+    assert not forced.fits and forced.allowed == int(need * host.MEMORY_SHARE)
+    monkeypatch.setattr(host, "usable_memory_bytes", lambda: None)
+    assert memory.check_fits(estimate).fits  # nothing known: nothing refused
 
 
 def test_run_refuses_a_model_too_big_with_both_figures(llmctl: Runner) -> None:
@@ -137,3 +138,62 @@ def test_a_smaller_context_fits_where_the_default_does_not(llmctl: Runner) -> No
     small = llmctl("run", "smollm2", "--ctx", "256", "--temperature", "0", PARIS, env=env)
     assert small.returncode == 0, small.stderr
     assert "Paris" in small.stdout and "warning" not in small.stderr
+
+
+def sparse(path: Path, size: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as handle:
+        handle.truncate(size)
+
+
+def test_image_estimate_counts_the_weights_a_pipeline_loads(tmp_path: Path) -> None:
+    folder = tmp_path / "sd"
+    folder.mkdir()
+    (folder / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"], "safety_checker": [None, None],
+        "text_encoder": ["transformers", "CLIPTextModel"]}))
+    sparse(folder / "unet" / "diffusion_pytorch_model.safetensors", 4000)
+    sparse(folder / "unet" / "diffusion_pytorch_model.bin", 4000)  # the same, as a pickle
+    sparse(folder / "vae" / "diffusion_pytorch_model.fp16.safetensors", 1000)  # only fp16
+    sparse(folder / "text_encoder" / "model.bin", 500)  # only a pickle
+    sparse(folder / "safety_checker" / "model.safetensors", 9000)  # not in the pipeline
+    estimate = memory.estimate_image_memory(folder, 512, 512, upcast=False)
+    assert estimate.weights == 4000 + 1000 + 500
+    assert memory.estimate_image_memory(folder, 512, 512, upcast=True).weights == 4000 + 2000 + 500
+    assert estimate.work == 1024**3 and estimate.overhead == 256 * MIB
+    assert estimate.total == 5500 + 1024**3 + 256 * MIB
+    assert memory.estimate_image_memory(folder, 1024, 512, upcast=False).work == 2 * 1024**3
+    assert estimate.context_length is None
+    assert estimate.parts == {"weights": 5500, "work": 1024**3, "overhead": 256 * MIB}
+
+
+def test_image_estimate_counts_core_ml_models_whole(tmp_path: Path) -> None:
+    folder = tmp_path / "Resources"
+    for name in ("TextEncoder", "Unet"):
+        sparse(folder / f"{name}.mlmodelc" / "weights" / "weight.bin", 1000)
+        sparse(folder / f"{name}.mlmodelc" / "model.mil", 100)
+    sparse(folder / "vocab.json", 50)  # the tokenizer's files are not weights
+    assert memory.estimate_image_memory(folder, 512, 512, upcast=False).weights == 2200
+
+
+def test_image_refusal_names_its_own_remedies(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "Resources"
+    sparse(folder / "Unet.mlmodelc" / "weights" / "weight.bin", 1000)
+    monkeypatch.setenv("LLMCTL_MEMORY_LIMIT", "10M")
+    with pytest.raises(InsufficientResources) as refused:
+        memory.check_fits(memory.estimate_image_memory(folder, 512, 512, upcast=False))
+    assert refused.value.hint.endswith("try a smaller --width/--height, --low-memory, or load "
+                                       "anyway with --force")
+    assert refused.value.have == 9_000_000 == host.allowed_memory()
+
+
+def test_ls_fits_applies_the_rule_run_does(llmctl: Runner) -> None:
+    # smollm2's catalog entry asks for 300 MB: within 330 MB, above 90% of it.
+    env = {"LLMCTL_MEMORY_LIMIT": "330M"}
+    listed = json.loads(llmctl("ls", "--available", "--fits", "--json", env=env).stdout)
+    assert "smollm2:135m" not in {m["reference"] for m in listed}
+    env = {"LLMCTL_MEMORY_LIMIT": "334M"}  # 90%: 300.6 MB
+    listed = json.loads(llmctl("ls", "--available", "--fits", "--json", env=env).stdout)
+    assert "smollm2:135m" in {m["reference"] for m in listed}

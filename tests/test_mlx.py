@@ -290,8 +290,8 @@ def test_a_folder_pulled_by_path_runs(llmctl: Runner, converted: Converted) -> N
 
 @pytest.fixture(scope="module")
 def engine(converted: Converted):
-    from llmctl.engines.base import LoadOptions
     from llmctl.engines.mlx import load
+    from llmctl.engines.text import LoadOptions
 
     llm = load(stored_folder(converted.home, MLX_Q4), LoadOptions())
     yield llm
@@ -299,7 +299,7 @@ def engine(converted: Converted):
 
 
 def _run(engine, messages, options):
-    from llmctl.engines.base import Done
+    from llmctl.engines.text import Done
 
     events = list(engine.generate(messages, options))
     assert isinstance(events[-1], Done)
@@ -307,7 +307,7 @@ def _run(engine, messages, options):
 
 
 def test_engine_seed_drives_sampling(engine) -> None:
-    from llmctl.engines.base import GenerationOptions, Message
+    from llmctl.engines.text import GenerationOptions, Message
 
     # A short system prompt of our own keeps SmolLM2's default one (30 tokens) out: prompt
     # processing is what costs most on a CPU.
@@ -321,7 +321,7 @@ def test_engine_seed_drives_sampling(engine) -> None:
 
 
 def test_engine_max_tokens_and_ignore_eos(engine) -> None:
-    from llmctl.engines.base import GenerationOptions, Message
+    from llmctl.engines.text import GenerationOptions, Message
 
     question = [Message("system", "You are a helpful assistant."),
                 Message("user", "What is the capital of France?")]
@@ -338,8 +338,8 @@ def test_engine_max_tokens_and_ignore_eos(engine) -> None:
 
 
 def test_engine_counts_prompt_tokens_and_guards_the_context(converted: Converted) -> None:
-    from llmctl.engines.base import GenerationOptions, LoadOptions, Message
     from llmctl.engines.mlx import load
+    from llmctl.engines.text import GenerationOptions, LoadOptions, Message
 
     small = load(stored_folder(converted.home, MLX_Q4), LoadOptions(context_length=32))
     try:

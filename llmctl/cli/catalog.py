@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from llmctl.cli.common import JsonOpt, QuietOpt
+from llmctl.cli.options import JsonOpt, QuietOpt
 from llmctl.cli.output import Output
 from llmctl.units import format_bytes
 
@@ -71,7 +71,7 @@ def add(
         llmctl catalog add phi3:mine --hf microsoft/Phi-3-mini-4k-instruct-gguf \\
             --file Phi-3-mini-4k-instruct-q4.gguf
     """
-    from llmctl.cli.common import open_store
+    from llmctl.cli.options import open_store
     from llmctl.store import user_catalog
 
     entry = user_catalog.build_entry(
@@ -93,7 +93,7 @@ def rm(
     \b
         llmctl catalog rm mymodel:q4
     """
-    from llmctl.cli.common import open_store
+    from llmctl.cli.options import open_store
     from llmctl.store import user_catalog
 
     layout, _ = open_store()
@@ -113,7 +113,7 @@ def ls(
         llmctl catalog ls
         llmctl catalog ls --user --json
     """
-    from llmctl.cli.common import open_store
+    from llmctl.cli.options import open_store
 
     out = Output(json_mode=json, quiet=quiet)
     _, known = open_store()
@@ -145,7 +145,7 @@ def export(
     """
     from pathlib import Path
 
-    from llmctl.cli.common import open_store
+    from llmctl.cli.options import open_store
     from llmctl.store import user_catalog
 
     out = Output()
@@ -178,7 +178,7 @@ def import_(
         llmctl catalog import models.json
         curl -s https://host/models.json | llmctl catalog import -
     """
-    from llmctl.cli.common import open_store
+    from llmctl.cli.options import open_store
     from llmctl.store import user_catalog
 
     entries = user_catalog.read_registry(file)

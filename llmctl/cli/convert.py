@@ -3,21 +3,18 @@
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated, Any
 
 import typer
 
-from llmctl.cli.common import JsonOpt, ModelArg
+from llmctl.cli.options import JsonOpt, ModelArg
 from llmctl.cli.output import Output
-from llmctl.convert.attention import AttentionImplementation  # an enum; no torch
+from llmctl.convert.coreml.attention import AttentionImplementation  # an enum; no torch
 from llmctl.units import format_bytes
-
-if TYPE_CHECKING:
-    from llmctl.convert.coreml_sd import CoremlOptions
 
 
 class Target(StrEnum):
-    """`--to`: every target the command knows; those not implemented yet say so (exit 2)."""
+    """`--to`: one member per row of llmctl.convert.TARGETS."""
 
     mlx = "mlx"
     coreml = "coreml"
@@ -106,7 +103,8 @@ def convert(
         llmctl convert ./my-hf-checkpoint --to mlx --q-bits 8 --name mine:8bit
         llmctl convert sd15 --to coreml --quantize-nbits 6 --min-deployment-target iOS17
     """
-    from llmctl.cli.common import open_store
+    from llmctl.cli.options import open_store
+    from llmctl.convert import convert as run_conversion
     from llmctl.errors import UsageError
 
     coreml = {"--attention-implementation": attention, "--chunk-unet": chunk_unet,
@@ -114,71 +112,45 @@ def convert(
               "--latent-h": latent_h, "--latent-w": latent_w, "--compute-unit": compute_unit,
               "--vae-encoder": vae_encoder or None, "--safety-checker": safety_checker or None,
               "--low-memory": low_memory or None, "--via": via if via is Via.apple else None}
+    options: Any
     if to is Target.coreml:
         if quantize or q_bits is not None or q_group_size is not None:
             raise UsageError("-q, --q-bits and --q-group-size are for --to mlx",
                              hint="--to coreml palettizes with --quantize-nbits")
-        from llmctl.convert.coreml_sd import CoremlOptions
+        from llmctl.convert.coreml.options import CoremlOptions
 
         defaults = CoremlOptions()
-        _to_coreml(model, CoremlOptions(
+        options = CoremlOptions(
             attention=attention or defaults.attention, chunk_unet=chunk_unet,
             quantize_nbits=quantize_nbits, latent_h=latent_h, latent_w=latent_w,
             min_deployment_target=target or defaults.min_deployment_target,
             compute_unit=_compute_unit(compute_unit) or defaults.compute_unit,
             vae_encoder=vae_encoder, safety_checker=safety_checker,
-            one_process_per_component=low_memory, via_apple=via is Via.apple),
-            name, force, json)
-        return
-    if given := [option for option, value in coreml.items() if value is not None]:
-        raise UsageError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for "
-                         "--to coreml")
-    from llmctl.convert.mlx import DEFAULT_BITS, MlxOptions
-    from llmctl.convert.mlx import convert as convert_to_mlx
-
-    options = MlxOptions(quantize=quantize or q_bits is not None or q_group_size is not None,
-                         bits=DEFAULT_BITS if q_bits is None else q_bits,
-                         group_size=q_group_size)
-    out = Output(json_mode=json)
-    layout, catalog = open_store()
-    with out.progress() as report:
-        result = convert_to_mlx(
-            model, layout, catalog, options=options, name=name, force=force,
-            on_event=report)
-    manifest = result.manifest
-    bits = f", {result.bits_per_weight:g} bits per weight" if result.bits_per_weight else ""
-    out.info(f"{manifest.reference}: {format_bytes(manifest.size)}{bits}, converted from "
-             f"{result.source} in {result.seconds:.0f}s")
-    if json:
-        out.json_line(manifest.to_dict())
+            one_process_per_component=low_memory, via_apple=via is Via.apple)
     else:
-        out.line(manifest.reference)
+        if given := [option for option, value in coreml.items() if value is not None]:
+            raise UsageError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for "
+                             "--to coreml")
+        from llmctl.convert.mlx import DEFAULT_BITS, MlxOptions
 
-
-def _to_coreml(model: str, options: CoremlOptions, name: str | None, force: bool,
-               json: bool) -> None:
-    from llmctl.cli.common import open_store
-    from llmctl.convert.coreml_sd import conversion_peak_memory_bytes
-    from llmctl.convert.coreml_sd import convert as convert_to_coreml
-
+        options = MlxOptions(
+            quantize=quantize or q_bits is not None or q_group_size is not None,
+            bits=DEFAULT_BITS if q_bits is None else q_bits, group_size=q_group_size)
     out = Output(json_mode=json)
     layout, catalog = open_store()
     with out.progress() as report:
-        result = convert_to_coreml(
-            model, layout, catalog, options=options, name=name, force=force,
-            on_event=report)
+        result = run_conversion(model, to.value, layout, catalog, options=options, name=name,
+                                force=force, on_event=report)
     for warning in result.warnings:
         out.warn(warning)
     for note in result.notes:
         out.info(f"note: {note}")
     manifest = result.manifest
-    out.info(f"{manifest.reference}: {format_bytes(manifest.size)}, converted from "
-             f"{result.source} in {result.seconds:.0f}s (peak memory "
-             f"{format_bytes(conversion_peak_memory_bytes())})")
-    if json:
-        out.json_line(manifest.to_dict())
-    else:
-        out.line(manifest.reference)
+    bits = f", {result.bits_per_weight:g} bits per weight" if result.bits_per_weight else ""
+    peak = f" (peak memory {format_bytes(result.peak_memory)})" if result.peak_memory else ""
+    out.info(f"{manifest.reference}: {format_bytes(manifest.size)}{bits}, converted from "
+             f"{result.source} in {result.seconds:.0f}s{peak}")
+    out.item(manifest.to_dict(), manifest.reference)
 
 
 def _compute_unit(text: str | None) -> str | None:

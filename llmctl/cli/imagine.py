@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated
 
 import typer
 
-from llmctl.cli.common import JsonOpt, complete_model
+from llmctl.cli.options import JsonOpt, complete_model
 from llmctl.cli.output import Output, step_progress
-from llmctl.units import format_bytes
-
-if TYPE_CHECKING:
-    from llmctl.engines.image import ImageEngine, ImageLoadOptions
-    from llmctl.engines.registry import EngineSpec
-    from llmctl.store.resolve import Runnable
 
 DEFAULT_STEPS, DEFAULT_GUIDANCE = 30, 7.5
 
@@ -93,7 +86,8 @@ def imagine(
     import secrets
     from datetime import datetime
 
-    from llmctl import __version__, gallery
+    from llmctl import __version__, gallery, loader
+    from llmctl.cli.options import open_store, read_prompt
     from llmctl.engines.image import (
         COMPUTE_UNITS,
         DEVICES,
@@ -105,6 +99,7 @@ def imagine(
     from llmctl.errors import UsageError
     from llmctl.formats.coreml import compute_unit as compute_unit_name
     from llmctl.store.layout import StoreLayout
+    from llmctl.store.names import parse_reference
 
     out = Output(json_mode=json)
     check_request(width, height, scheduler)
@@ -115,16 +110,15 @@ def imagine(
     if units is None:
         raise UsageError(f"unknown --compute-unit '{compute_units or compute_unit}'",
                          hint=f"choose one of: {', '.join(COMPUTE_UNITS)}")
-    from llmctl.cli.run import _read_prompt
-
-    text = _read_prompt(prompt)
-    if not text:
-        raise UsageError("no prompt given", hint="pass PROMPT or pipe text on stdin")
+    text = read_prompt(prompt)
     if output is not None and count > 1 and output.suffix.lower() == ".png":
         out.info(f"note: {count} images: {output.stem}-1.png ... {output.stem}-{count}.png")
     options = ImageLoadOptions(device, low_memory, trust_pickle, units)
-    target, spec, defaults, llm = open_image_model(out, model, engine, options, width,
-                                                   height, force)
+    with out.progress() as report:
+        opened = loader.open_image(parse_reference(model), *open_store(), engine=engine,
+                                   options=options, width=width, height=height, force=force,
+                                   on_event=report, on_note=out.note)
+    target, defaults, llm = opened.model, opened.defaults, opened.engine
     seed = secrets.randbelow(2**32) if seed is None else seed
     requests = [ImageRequest(
         text, seed + i, steps or defaults.get("steps", DEFAULT_STEPS),
@@ -135,7 +129,7 @@ def imagine(
     ids = [gallery.new_id() for _ in requests]
     paths = gallery.plan_paths(output, StoreLayout.default(), ids, created)
     base = {"model": target.name, "model_digest": target.manifest.digest if target.manifest
-            else None, "engine": spec.name, "llmctl": __version__}
+            else None, "engine": opened.spec.name, "llmctl": __version__}
     done = 0
     with step_progress(out) as report:
         for event in gallery.render(llm, requests, paths, ids, base):
@@ -144,57 +138,5 @@ def imagine(
                 report(label, event.index, event.total, event.elapsed, event.eta)
                 continue
             done += 1
-            if json:
-                out.json_line({**event.meta, "path": str(event.path)})
-            else:
-                out.line(str(event.path))
+            out.item({**event.meta, "path": str(event.path)}, str(event.path))
     llm.close()
-
-
-def open_image_model(out: Output, model: str, engine: str | None, options: ImageLoadOptions,
-                     width: int | None, height: int | None, force: bool
-                     ) -> tuple[Runnable, EngineSpec, dict[str, Any], ImageEngine]:
-    """Find the model (pulling a catalog model first), check that its engine runs here and
-    that it fits in memory, then load it. Also returns the catalog's default parameters."""
-    from llmctl.cli.common import open_store
-    from llmctl.engines import registry
-    from llmctl.engines.image import check_image_fits
-    from llmctl.errors import UsageError
-    from llmctl.formats.diffusers import default_size
-    from llmctl.store.resolve import runnable
-
-    layout, catalog = open_store()
-    with out.progress() as report:
-        target = runnable(model, layout, catalog,
-                          on_event=report)
-    if target.kind != "image":
-        raise UsageError(f"{target.name} is a text model", hint=f"try: llmctl run {model}")
-    spec = registry.choose(target.format, target.kind, engine)
-    registry.check_available(spec)
-    defaults: dict[str, Any] = {}
-    if target.manifest is not None:
-        match = catalog.find(target.manifest.name, target.manifest.tag)
-        defaults = dict(match.entry.parameters) if match else {}
-    size = default_size(target.path) or (512, 512)
-    upcast = spec.name == "diffusers" and (options.device or _default_device()) == "cpu"
-    estimate, allowed = check_image_fits(target.path, width or defaults.get("width", size[0]),
-                                         height or defaults.get("height", size[1]), upcast,
-                                         force)
-    if allowed is not None and estimate.total > allowed:
-        out.warn(f"{target.name} may not fit in memory (need about "
-                 f"{format_bytes(estimate.total)}, have {format_bytes(allowed)}); loading "
-                 "anyway (--force)")
-    return target, spec, defaults, registry.load_image_engine(spec, target.path, options)
-
-
-def _default_device() -> str:
-    """What the diffusers engine will pick, told without importing torch: a CUDA or an
-    Apple GPU means half precision; the CPU means float32 (weights count double)."""
-    import platform
-    import shutil
-
-    if sys.platform == "darwin" and platform.machine() == "arm64":
-        return "mps"
-    return "cuda" if shutil.which("nvidia-smi") else "cpu"
-
-

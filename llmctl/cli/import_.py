@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from llmctl.cli.common import JsonOpt, QuietOpt
+from llmctl.cli.options import JsonOpt, QuietOpt
 from llmctl.cli.output import Output
 from llmctl.units import format_bytes
 

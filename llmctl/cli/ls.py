@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from llmctl.cli.common import JsonOpt, QuietOpt
+from llmctl.cli.options import JsonOpt, QuietOpt
 from llmctl.cli.output import Output
 from llmctl.units import format_age, format_bytes
 

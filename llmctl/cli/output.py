@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Protocol, TextIO, TypeVar
 
-from llmctl.units import format_seconds
+from llmctl.units import format_bytes, format_seconds
 
 
 def is_terminal(stream: TextIO) -> bool:
@@ -23,12 +23,6 @@ def is_terminal(stream: TextIO) -> bool:
         return False
 
 
-
-
-
-
-
-
 class Output:
     def __init__(self, *, json_mode: bool = False, quiet: bool = False,
                  stdout: TextIO | None = None, stderr: TextIO | None = None):
@@ -36,6 +30,8 @@ class Output:
         self.quiet = quiet
         self.stdout = stdout or sys.stdout
         self.stderr = stderr or sys.stderr
+        self._in_reply = False  # a reply's text is on stdout, its newline not yet
+        self._bars: Any = None  # rich's Progress while progress() shows bars
 
     @property
     def fancy_stderr(self) -> bool:
@@ -78,11 +74,17 @@ class Output:
 
     def info(self, message: str) -> None:
         if not self.quiet:
-            self.stderr.write(message + "\n")
-            self.stderr.flush()
+            self._diagnostic(message)
 
     def warn(self, message: str) -> None:
-        self.stderr.write(f"warning: {message}\n")
+        self._diagnostic(f"warning: {message}")
+
+    def _diagnostic(self, message: str) -> None:
+        if self._bars is not None:  # above the progress bars, which stay at the bottom
+            self._bars.console.print(message, markup=False, highlight=False,
+                                     soft_wrap=True)
+            return
+        self.stderr.write(message + "\n")
         self.stderr.flush()
 
     def error(self, message: str) -> None:
@@ -118,7 +120,13 @@ class Output:
 
             yield plain
             return
-        yield from _rich_progress(self.stderr)
+        bars, report = _rich_progress(self.stderr)
+        with bars:
+            self._bars = bars
+            try:
+                yield report
+            finally:
+                self._bars = None
 
     # -- records: the modes in one place ---------------------------------------------------
 
@@ -150,6 +158,55 @@ class Output:
             for line in lines():
                 self.line(line)
 
+    # -- a streamed reply (run, chat) ------------------------------------------------------
+
+    def token(self, text: str) -> None:
+        """One piece of a reply as it is generated: a {"type": "token"} line (--json),
+        else the text itself."""
+        if self.json_mode:
+            self.json_line({"type": "token", "text": text})
+        else:
+            self.text(text)
+            self._in_reply = True
+
+    def reply_done(self, record: dict[str, Any]) -> None:
+        """The end of a reply: a {"type": "done", ...record} line (--json), else the
+        newline that ends the reply's text."""
+        if self.json_mode:
+            self.json_line({"type": "done", **record})
+        else:
+            self.text("\n")
+        self._in_reply = False
+
+    def reply_stopped(self) -> None:
+        """A reply cut short (Ctrl-C): what comes next (the shell's prompt) starts on a
+        line of its own."""
+        if self._in_reply:
+            self.text("\n")
+        self._in_reply = False
+
+    def stats(self, stats: Any, threads: int | None = None) -> None:
+        """--verbose: Ollama's statistics block of a reply (llmctl.engines.text.Stats), on
+        stderr, with the CPU threads the engine ran when it counts them (the default
+        depends on what else keeps the CPUs busy)."""
+        self.info(
+            f"load duration:     {stats.load_seconds:.2f}s\n"
+            f"prompt eval count: {stats.prompt_tokens} token(s)\n"
+            f"prompt eval rate:  {stats.prompt_tokens_per_second:.2f} tokens/s\n"
+            f"eval count:        {stats.generated_tokens} token(s)\n"
+            f"eval rate:         {stats.generate_tokens_per_second:.2f} tokens/s\n"
+            f"stop reason:       {stats.stop_reason}\n"
+            + (f"threads:           {threads}\n" if threads else "")
+            + f"peak memory:       {format_bytes(stats.peak_memory_bytes)}"
+        )
+
+    def note(self, note: Any) -> None:
+        """A note from the library (llmctl.loader.Note): "note: ..." or a warning."""
+        if note.severity == "warning":
+            self.warn(note.text)
+        else:
+            self.info(f"note: {note.text}")
+
     def item(self, record: Any, name: str) -> None:
         """One thing made or stored, as it is made: its JSON line (--json), else its
         name on a line of its own (what scripts read)."""
@@ -169,7 +226,7 @@ class ProgressEvent(Protocol):
 T = TypeVar("T")
 
 
-def _rich_progress(stream: TextIO) -> Iterator[Callable[[ProgressEvent], None]]:
+def _rich_progress(stream: TextIO) -> tuple[Any, Callable[[ProgressEvent], None]]:
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -198,10 +255,7 @@ def _rich_progress(stream: TextIO) -> Iterator[Callable[[ProgressEvent], None]]:
         if not total:
             bars.update(tasks[key], total=1, completed=1)
 
-    with bars:
-        yield report
-
-
+    return bars, report
 
 
 @contextmanager

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from llmctl.cli.common import JsonOpt, QuietOpt, complete_model
+from llmctl.cli.options import JsonOpt, QuietOpt, complete_model
 from llmctl.cli.output import Output
 from llmctl.errors import UsageError
 from llmctl.units import format_bytes
@@ -67,7 +67,7 @@ def pull(
         llmctl pull ./models/mistral-7b-instruct.Q4_K_M.gguf --name mistral:7b
         llmctl pull -q smollm2 gemma3
     """
-    from llmctl.cli.common import open_store
+    from llmctl.cli.options import open_store
     from llmctl.store.pull import pull as pull_model
     from llmctl.store.sources import PullOptions
 

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from llmctl.cli.common import complete_stored_model
+from llmctl.cli.options import complete_stored_model
 from llmctl.cli.output import Output, is_terminal
 from llmctl.errors import UsageError
 from llmctl.units import format_bytes
@@ -44,7 +44,7 @@ def rm(
         llmctl rm --broken --dry-run
     """
 
-    from llmctl.cli.common import open_store
+    from llmctl.cli.options import open_store
 
     out = Output()
     if partial:

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from llmctl.cli.common import JsonOpt, ModelArg
+from llmctl.cli.options import JsonOpt, ModelArg
 from llmctl.cli.output import Output
 from llmctl.errors import UsageError
 from llmctl.units import format_bytes, format_count
@@ -37,7 +37,7 @@ def show(
         llmctl show smollm2 --template
         llmctl show smollm2 --verify
     """
-    from llmctl.cli.common import open_store
+    from llmctl.cli.options import open_store
     from llmctl.store.details import describe
     from llmctl.store.lookup import resolve_stored
     from llmctl.store.model_files import verify_files

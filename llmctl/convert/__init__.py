@@ -1,37 +1,177 @@
-"""Model conversions into the format another engine runs. One module per target, imported
-only when that conversion runs (they pull in torch, transformers, mlx):
+"""Model conversions into the format another engine runs: one frame (`convert`) and one
+module per target, imported only when a conversion to it runs (they pull in torch,
+transformers, mlx, coremltools):
 
-    mlx.py   GGUF models and Hugging Face safetensors checkpoints -> MLX (through mlx-lm)
+    mlx.py    text models, GGUF or Hugging Face safetensors -> MLX (through mlx-lm)
+    coreml/   Stable Diffusion pipelines (diffusers) -> Core ML, in Apple's layout
 
-Each conversion works in a folder of its own under $LLMCTL_HOME/tmp and registers its
-result in the store only when it is complete, so an interrupted conversion leaves nothing
-behind. `work_folder` gives such a folder and cleans up after conversions that were killed.
+The frame does what every conversion does: check the options, find the source (pulled
+first when it is a catalog model), name the result, refuse one already stored, record
+where the result came from and register it. A target (`Target`) supplies what differs:
+which sources it takes and the work itself. The work happens in a folder of its own under
+$LLMCTL_HOME/tmp and the result is registered only when it is complete, so an interrupted
+conversion leaves nothing in the store. `work_folder` gives such a folder and cleans up
+after conversions that were killed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import shutil
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, ClassVar, Protocol
 
+from llmctl.errors import UsageError
+from llmctl.formats import ModelFormat
+from llmctl.store import manifest as manifests
+from llmctl.store.catalog import Catalog
 from llmctl.store.layout import StoreLayout
+from llmctl.store.manifest import Manifest
+from llmctl.store.names import DEFAULT_TAG, Reference, parse_reference, sanitize_name
+from llmctl.store.register import OnEvent, PullEvent, no_events, register, resolve_name
+from llmctl.store.resolve import Runnable, runnable
+from llmctl.store.sources import LocalFiles
 
-if TYPE_CHECKING:
-    from llmctl.store.resolve import Runnable
-
+# `--to` -> the module that converts to it, imported only when a conversion runs; each
+# module has a TARGET.
+TARGETS = {"mlx": "llmctl.convert.mlx", "coreml": "llmctl.convert.coreml"}
 PREFIX = "convert-"
+
+
+class Options(Protocol):
+    """A target's options, as the frame uses them."""
+
+    def check(self) -> None:
+        """Raise UsageError for options the target cannot honour."""
+
+    @property
+    def suffix(self) -> str:
+        """The tag suffix of the result: mlx-q4, coreml-split_einsum_v2."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Conversion:
+    """A conversion, stored."""
+
+    manifest: Manifest
+    source: str  # the model converted
+    seconds: float
+    bits_per_weight: float | None = None  # as mlx-lm reports it, for quantized MLX results
+    peak_memory: int | None = None  # bytes, where the target measures it
+    notes: list[str] = field(default_factory=list)  # facts for stderr
+    warnings: list[str] = field(default_factory=list)  # what may not work as wanted
+
+
+@dataclass(frozen=True)
+class Request:
+    """One conversion, as the frame hands it to its target's work."""
+
+    source: Runnable
+    checked: Any  # what the target's check_source returned
+    options: Any  # the target's Options
+    layout: StoreLayout
+    reference: str  # name:tag the result is stored under
+    force: bool
+    step: Callable[..., None]  # step(status, done=0, total=0): a progress event
+
+
+@dataclass(frozen=True)
+class Product:
+    """What a target's work leaves for the frame to store."""
+
+    folder: Path  # the result's files, stored under their paths relative to it
+    origin: dict[str, Any]  # the target's part of the manifest's record of the source
+    facts: dict[str, Any] = field(default_factory=dict)  # the fields of its Conversion
+
+
+class Target:
+    """What a conversion target supplies to the frame: a subclass, its module's TARGET,
+    and a row in TARGETS."""
+
+    to: ClassVar[str]  # --to, recorded in the origin
+    model_format: ClassVar[ModelFormat]  # what the result is stored as
+    options: ClassVar[type]  # its Options, with the defaults
+    use: ClassVar[str]  # how to use a result, for the already-stored hint: "... {reference}"
+    result: ClassVar[type[Conversion]] = Conversion
+    # Whether the store's "verifying <file>" events reach on_event: one per file of every
+    # Core ML package would bury the progress.
+    file_events: ClassVar[bool] = True
+
+    def refuse_before_pulling(self, ref: Reference, layout: StoreLayout,
+                              catalog: Catalog) -> None:
+        """Say no before a catalog model is pulled, when the catalog already tells."""
+
+    def check_source(self, source: Runnable, options: Any) -> Any:
+        """Raise UsageError for a source the target does not convert; return what its
+        work needs to know about the source."""
+        raise NotImplementedError
+
+    def work(self, request: Request) -> AbstractContextManager[Product]:
+        """The conversion itself: the finished files, held (locked, not cleaned up) until
+        the frame has stored them."""
+        raise NotImplementedError
+
+
+def target(to: str) -> Target:
+    if to not in TARGETS:
+        raise UsageError(f"--to {to} is not supported", hint=f"use {', '.join(TARGETS)}")
+    return importlib.import_module(TARGETS[to]).TARGET
+
+
+def convert(text: str, to: str, layout: StoreLayout, catalog: Catalog, *,
+            options: Options | None = None, name: str | None = None, force: bool = False,
+            on_event: OnEvent = no_events) -> Conversion:
+    """Convert the model `text` names (stored, from the catalog, hf://, or a path) to the
+    format `to` names and store the result under `name` (default: the model's name, its
+    tag + the options' suffix: smollm2:135m-mlx-q4, sd1.5:fp16-coreml-split_einsum_v2)."""
+    chosen = target(to)
+    options = chosen.options() if options is None else options
+    options.check()
+    started = time.perf_counter()
+    ref = parse_reference(text)
+    chosen.refuse_before_pulling(ref, layout, catalog)
+    source = runnable(ref, layout, catalog, on_event=on_event)
+    checked = chosen.check_source(source, options)
+    target_name, tag = result_name(source, options.suffix, name)
+    reference = f"{target_name}:{tag}"
+    if not force and manifests.load(layout, target_name, tag) is not None:
+        raise UsageError(f"{reference} is already stored",
+                         hint=f"{chosen.use.format(reference=reference)}; convert again "
+                         "with --force")
+
+    def step(status: str, done: int = 0, total: int = 0) -> None:
+        on_event(PullEvent(reference, status, done, total))
+
+    def storing(event: PullEvent) -> None:
+        if chosen.file_events or not event.status.startswith("verifying "):
+            on_event(event)
+
+    with chosen.work(Request(source, checked, options, layout, reference, force,
+                             step)) as product:
+        origin = {"type": "convert", "from": source.name, "to": to} | product.origin
+        if source.manifest is not None:
+            origin["from_digest"] = source.manifest.digest
+        files = sorted(p for p in product.folder.rglob("*") if p.is_file())
+        step("storing")
+        result = register(
+            layout, LocalFiles(files, names=[p.relative_to(product.folder).as_posix()
+                                             for p in files], origin=origin, owned=True),
+            name=target_name, tag=tag, expected_sha256=None, on_event=storing,
+            model_format=chosen.model_format, overwrite=force)  # refused above unless --force
+    return chosen.result(manifest=result.manifest, source=source.name,
+                         seconds=time.perf_counter() - started, **product.facts)
 
 
 def result_name(source: Runnable, suffix: str, name: str | None) -> tuple[str, str]:
     """(name, tag) a conversion's result is stored under: `--name` when given, else the
     source's name with its tag + `suffix` (smollm2:135m -> smollm2:135m-mlx-q4; a model
     run from a path: its name, `suffix` as the tag)."""
-    from llmctl.store.names import DEFAULT_TAG, sanitize_name
-    from llmctl.store.register import resolve_name
-
     if source.manifest is None:
         return resolve_name(name, sanitize_name(source.name), suffix)
     tag = source.manifest.tag

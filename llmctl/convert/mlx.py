@@ -5,8 +5,8 @@ first dequantized into such a checkpoint by transformers (which reads GGUF, with
 accelerate); transformers refuses to save a model it loaded from GGUF, so its weights go
 into a fresh model built from the same config, and that one is saved, with the tokenizer
 and chat template the GGUF carries. mlx-lm then converts (and quantizes) the checkpoint.
-Everything is written to a work folder under $LLMCTL_HOME/tmp; the result is moved into
-the store and registered as format "mlx" only once it is complete.
+Everything is written to a work folder under $LLMCTL_HOME/tmp; the frame (llmctl.convert)
+moves the result into the store, as format "mlx", only once it is complete.
 
 torch, transformers and mlx are imported inside the functions that use them.
 """
@@ -15,23 +15,17 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import re
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llmctl.convert import result_name, work_folder
+from llmctl.convert import Product, Request, Target, work_folder
 from llmctl.errors import EngineFailure, EngineUnavailable, UsageError
 from llmctl.formats import ModelFormat
-from llmctl.store import manifest as manifests
-from llmctl.store.catalog import Catalog
-from llmctl.store.layout import StoreLayout
-from llmctl.store.manifest import Manifest
-from llmctl.store.register import OnEvent, PullEvent, register
-from llmctl.store.resolve import Runnable, runnable
-from llmctl.store.sources import LocalFiles
+from llmctl.store.resolve import Runnable
 
 # What MLX's affine quantization takes (mx.quantize).
 BITS = (2, 3, 4, 5, 6, 8)
@@ -69,94 +63,63 @@ class MlxOptions:
         return f"mlx-q{self.bits}" if self.quantize else "mlx"
 
 
-@dataclass(frozen=True)
-class Conversion:
-    manifest: Manifest
-    source: str  # the model converted
-    seconds: float
-    bits_per_weight: float | None  # as mlx-lm reports it, for quantized results
+class MlxTarget(Target):
+    to = "mlx"
+    model_format = MLX
+    options = MlxOptions
+    use = "run it with: llmctl run {reference}"
+
+    def check_source(self, source: Runnable, options: MlxOptions) -> None:
+        if source.kind != "text" or source.format not in ("gguf", "safetensors", "mlx"):
+            raise UsageError(f"{source.name} is "
+                             f"{'an image' if source.kind == 'image' else 'a'} "
+                             f"{source.format} model",
+                             hint="--to mlx converts text models: GGUF, or Hugging Face "
+                             "safetensors checkpoints")
+        if source.format != "gguf":
+            config = json.loads((source.path / "config.json").read_text())
+            if config.get("quantization") or config.get("quantization_config"):
+                raise UsageError(f"{source.name} is already quantized",
+                                 hint="convert the unquantized checkpoint, or run this one: "
+                                 f"llmctl run {source.name} --engine mlx")
+            if source.format == "mlx" and not options.quantize:
+                raise UsageError(f"{source.name} is already an MLX model",
+                                 hint="add -q to quantize it")
+
+    @contextlib.contextmanager
+    def work(self, request: Request) -> Iterator[Product]:
+        source, options, layout, step = (request.source, request.options, request.layout,
+                                          request.step)
+        group_size = options.group_size or (
+            GGUF_GROUP_SIZE if source.format == "gguf" else DEFAULT_GROUP_SIZE)
+        with layout.work_lock(f"convert-{_lock_key(request.reference)}"), \
+                work_folder(layout) as work:
+            dtype = None
+            if source.format == "gguf":
+                quantization = source.header.quantization if source.header else None
+                status = f"dequantizing the {quantization or 'GGUF'} weights (transformers)"
+                step(status)
+                hf_folder, dtype = dequantize_gguf(
+                    source, work, on_progress=lambda done, total: step(status, done, total))
+            else:
+                hf_folder = source.path
+            out = work / "mlx"
+            report = _MlxLmReport(step, options.bits, group_size)
+            step("converting to MLX (mlx-lm)")
+            _mlx_convert(hf_folder, out, options, group_size, dtype, report)
+            origin: dict[str, Any] = {
+                "quantization": {"bits": options.bits, "group_size": group_size}
+                if options.quantize else None}
+            if report.bits_per_weight is not None:
+                origin["bits_per_weight"] = report.bits_per_weight
+            yield Product(out, origin, {"bits_per_weight": report.bits_per_weight})
 
 
-def _quiet(_event: PullEvent) -> None:
-    pass
-
-
-def convert(text: str, layout: StoreLayout, catalog: Catalog, *,
-            options: MlxOptions = MlxOptions(), name: str | None = None,
-            force: bool = False, on_event: OnEvent = _quiet) -> Conversion:
-    """Convert the model `text` names (stored, from the catalog, hf://, or a path) to MLX
-    and store the result under `name` (default: the model's name, its tag + "-mlx-q4")."""
-    options.check()
-    started = time.perf_counter()
-    source = runnable(text, layout, catalog, on_event=on_event)
-    _check_source(source, options)
-    target_name, tag = result_name(source, options.suffix, name)
-    reference = f"{target_name}:{tag}"
-    if not force and manifests.load(layout, target_name, tag) is not None:
-        raise UsageError(f"{reference} is already stored",
-                         hint=f"run it with: llmctl run {reference}; convert again with --force")
-
-    def step(status: str, done: int = 0, total: int = 0) -> None:
-        on_event(PullEvent(reference, status, done, total))
-
-    group_size = options.group_size or (
-        GGUF_GROUP_SIZE if source.format == "gguf" else DEFAULT_GROUP_SIZE)
-    with layout.work_lock(f"convert-{_lock_key(reference)}"), work_folder(layout) as work:
-        dtype = None
-        if source.format == "gguf":
-            quantization = source.header.quantization if source.header else None
-            status = f"dequantizing the {quantization or 'GGUF'} weights (transformers)"
-            step(status)
-            hf_folder, dtype = dequantize_gguf(
-                source, work, on_progress=lambda done, total: step(status, done, total))
-        else:
-            hf_folder = source.path
-        out = work / "mlx"
-        report = _MlxLmReport(step, options.bits, group_size)
-        step("converting to MLX (mlx-lm)")
-        _mlx_convert(hf_folder, out, options, group_size, dtype, report)
-        origin: dict[str, Any] = {
-            "type": "convert", "from": source.name, "to": "mlx",
-            "quantization": {"bits": options.bits, "group_size": group_size}
-            if options.quantize else None,
-        }
-        if source.manifest is not None:
-            origin["from_digest"] = source.manifest.digest
-        if report.bits_per_weight is not None:
-            origin["bits_per_weight"] = report.bits_per_weight
-        files = sorted(p for p in out.rglob("*") if p.is_file())
-        step("storing")
-        result = register(
-            layout,
-            LocalFiles(files, names=[p.relative_to(out).as_posix() for p in files],
-                       origin=origin, owned=True),
-            name=target_name, tag=tag, expected_sha256=None, on_event=on_event,
-            model_format=MLX, overwrite=force)  # refused above unless --force
-    return Conversion(result.manifest, source.name, time.perf_counter() - started,
-                      report.bits_per_weight)
+TARGET = MlxTarget()
 
 
 def _lock_key(reference: str) -> str:
     return reference.replace("/", "--").replace(":", "@")
-
-
-def _check_source(source: Runnable, options: MlxOptions) -> None:
-    if source.kind != "text" or source.format not in ("gguf", "safetensors", "mlx"):
-        raise UsageError(f"{source.name} is {'an image' if source.kind == 'image' else 'a'} "
-                         f"{source.format} model",
-                         hint="--to mlx converts text models: GGUF, or Hugging Face "
-                         "safetensors checkpoints")
-    if source.format != "gguf":
-        import json
-
-        config = json.loads((source.path / "config.json").read_text())
-        if config.get("quantization") or config.get("quantization_config"):
-            raise UsageError(f"{source.name} is already quantized",
-                             hint="convert the unquantized checkpoint, or run this one: "
-                             f"llmctl run {source.name} --engine mlx")
-        if source.format == "mlx" and not options.quantize:
-            raise UsageError(f"{source.name} is already an MLX model",
-                             hint="add -q to quantize it")
 
 
 def dequantize_gguf(source: Runnable, work: Path,

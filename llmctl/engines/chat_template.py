@@ -14,7 +14,7 @@ from datetime import datetime
 from functools import lru_cache
 from typing import Any
 
-from llmctl.engines.base import Message
+from llmctl.engines.text import Message
 from llmctl.errors import EngineFailure
 
 

@@ -1,4 +1,5 @@
-"""The contract every image engine keeps, and what llmctl checks before loading one.
+"""The contract every image engine keeps, and the request checks made before loading one
+(the memory estimate is in `llmctl.engines.memory`, with the text models').
 
 `generate` yields one `Step` per denoising step (with a preview image when asked), then
 one `Rendered` with the finished image. `llmctl.gallery` turns that stream into files and
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from llmctl.errors import InsufficientResources, UsageError
+from llmctl.errors import UsageError
 from llmctl.formats import coreml
 
 # Scheduler names users type -> diffusers' classes (the Core ML engine uses them too).
@@ -131,63 +132,3 @@ def check_request(width: int | None, height: int | None, scheduler: str | None) 
     if scheduler is not None and scheduler not in SCHEDULERS:
         raise UsageError(f"unknown scheduler '{scheduler}'",
                          hint=f"choose one of: {', '.join(SCHEDULERS)}")
-
-
-# --- memory ----------------------------------------------------------------------------
-
-OVERHEAD = 256 * 1024**2  # Python, torch and its allocator, the tokenizer
-# Working memory (activations, attention, the VAE decoder's full-size feature maps) per
-# 512x512 pixels of output, for one image with classifier-free guidance: an allowance
-# that leans high, like llmctl.memory's, not a measurement (no real Stable Diffusion
-# weights can be downloaded where this was written).
-WORK_PER_512 = 1024**3
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".weights")
-
-
-@dataclass(frozen=True)
-class ImageMemoryEstimate:
-    weights: int  # as loaded: half-precision files count twice when loaded in float32
-    work: int
-    overhead: int
-
-    @property
-    def total(self) -> int:
-        return self.weights + self.work + self.overhead
-
-
-def estimate_image_memory(folder: Path, width: int, height: int, upcast: bool
-                          ) -> ImageMemoryEstimate:
-    """What generating one width x height image with the model in `folder` takes:
-    its weights (doubled for float16 files loaded as float32 when `upcast`), working
-    memory in proportion to the pixels, and a fixed overhead. Core ML weights (.bin in
-    .mlmodelc) count as they are."""
-    files = [p for p in folder.rglob("*") if p.is_file() and (
-        p.name.endswith(WEIGHT_SUFFIXES) or p.parent.name == "weights")]
-    # A folder holding the same weights as .safetensors and as a pickle loads one of them.
-    with_tensors = {p.parent for p in files if p.suffix == ".safetensors"}
-    weights = 0
-    for path in files:
-        if path.parent in with_tensors and path.suffix != ".safetensors":
-            continue
-        size = path.stat().st_size
-        weights += size * 2 if upcast and ".fp16." in path.name else size
-    work = int(WORK_PER_512 * width * height / (512 * 512))
-    return ImageMemoryEstimate(weights, work, OVERHEAD)
-
-
-def check_image_fits(folder: Path, width: int, height: int, upcast: bool, force: bool
-                     ) -> tuple[ImageMemoryEstimate, int | None]:
-    """Refuse (exit 5) a model whose estimate is above the share of memory llmctl plans
-    for, as `run` does (llmctl.memory); `force` loads anyway and the caller warns."""
-    from llmctl.host import usable_memory_bytes
-    from llmctl.memory import SHARE
-
-    estimate = estimate_image_memory(folder, width, height, upcast)
-    usable = usable_memory_bytes()
-    allowed = int(usable * SHARE) if usable else None
-    if allowed is not None and estimate.total > allowed and not force:
-        raise InsufficientResources(
-            "memory", estimate.total, allowed,
-            hint=f"llmctl plans for at most {SHARE:.0%} of the memory it may use; try a "
-                 "smaller --width/--height, --low-memory, or load anyway with --force")
-    return estimate, allowed

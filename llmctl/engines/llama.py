@@ -1,39 +1,34 @@
 """llama.cpp through llama-cpp-python's low-level bindings.
 
-The generation loop talks to the C API directly: the whole prompt goes to `llama_decode`
-in batches, sampling runs in C on a sampler chain, and each step costs a handful of ctypes
-calls with no Python copy of the logits. The convenience `Llama` class spends about 20% of
-generation speed on per-token Python work (TESTDATA.md); this loop runs at llama-bench's
-speed (README, performance table).
+The token stream the shared loop (`llmctl.engines.text`) runs talks to the C API directly:
+the whole prompt goes to `llama_decode` in batches, sampling runs in C on a sampler chain,
+and each step costs a handful of ctypes calls with no Python copy of the logits. The
+convenience `Llama` class spends about 20% of generation speed on per-token Python work
+(TESTDATA.md); this loop runs at llama-bench's speed (README, performance table).
 """
 
 from __future__ import annotations
 
-import codecs
 import collections
 import ctypes
 import os
-import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Generator
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from llmctl.engines import chat_template
-from llmctl.engines.base import (
-    MAX_SEED,
-    Done,
-    Event,
+from llmctl.engines.text import (
+    ByteDetokenizer,
     GenerationOptions,
     LoadOptions,
     Message,
-    Stats,
-    Token,
+    TokenEngine,
     default_context,
 )
 from llmctl.errors import EngineFailure, EngineUnavailable, UsageError
-from llmctl.host import CpuSample, default_threads, peak_memory_bytes, sample_cpu
+from llmctl.host import CpuSample, default_threads, sample_cpu
 
 MAX_BATCH = 2048
 PIECE_BUFFER = 256
@@ -78,7 +73,7 @@ def _llama_said() -> str:
     return f" (llama.cpp: {lines[-1]})" if lines else ""
 
 
-class LlamaEngine:
+class LlamaEngine(TokenEngine):
     name = "llama"
 
     def __init__(self, path: Path, options: LoadOptions):
@@ -214,10 +209,8 @@ class LlamaEngine:
         if options.min_p > 0:
             lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_min_p(options.min_p, 1))
         lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_temp(options.temperature))
-        # A seed of our own when none is given, never llama.cpp's "random" value, so that
-        # every seed the sampler gets is one the user could have passed.
-        seed = options.seed if options.seed is not None else secrets.randbelow(MAX_SEED + 1)
-        lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_dist(seed))
+        # The loop always gives a seed, never llama.cpp's "random" value.
+        lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_dist(options.seed))
         return chain
 
     def _decode(self, tokens: ctypes.Array, count: int) -> None:
@@ -233,81 +226,43 @@ class LlamaEngine:
     def context_length(self) -> int:
         return self.n_ctx
 
-    def count_tokens(self, messages: list[Message]) -> int:
-        """The prompt's length once formatted: what `chat` trims its history by."""
-        return len(self.prompt_tokens(messages))
+    def _detokenizer(self) -> ByteDetokenizer:
+        return ByteDetokenizer(self._token_bytes)
 
-    def generate(self, messages: list[Message], options: GenerationOptions) -> Iterator[Event]:
-        tokens = self.prompt_tokens(messages)
-        yield from self.generate_from_tokens(tokens, options)
+    def _is_end(self, token: int) -> bool:
+        return self.lib.llama_vocab_is_eog(self.vocab, token)
 
-    def generate_from_tokens(self, tokens: list[int], options: GenerationOptions
-                             ) -> Iterator[Event]:
-        lib = self.lib
-        options.validate()
-        if len(tokens) >= self.n_ctx:
-            raise UsageError(
-                f"the prompt is {len(tokens)} tokens but the context holds {self.n_ctx}",
-                hint="raise --ctx or shorten the prompt",
-            )
+    def _steps(self, tokens: list[int], options: GenerationOptions, budget: int
+               ) -> Generator[int, None, None]:
         self._recheck_threads()
-        lib.llama_memory_clear(lib.llama_get_memory(self.ctx), True)
+        self.lib.llama_memory_clear(self.lib.llama_get_memory(self.ctx), True)
+        return self._sample_and_decode(tokens, options)
+
+    def _sample_and_decode(self, tokens: list[int], options: GenerationOptions
+                           ) -> Generator[int, None, None]:
+        """The C API loop: the prompt in batches of n_batch, then per token one sample and
+        one single-token decode into a batch made once, with no Python copy of the logits."""
+        lib, ctx = self.lib, self.ctx
         sampler = self._sampler(options)
-        budget = self.n_ctx - len(tokens)
-        if options.max_tokens is not None:
-            budget = min(budget, options.max_tokens)
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         step = (lib.llama_token * 1)()
         step_batch = lib.llama_batch_get_one(step, 1)
-        generated = 0
-        stop_reason = "length"
-        started = time.perf_counter()
-        first_token_at = last_token_at = started
-        leading = True
+        sample, decode = lib.llama_sampler_sample, lib.llama_decode
         try:
             for start in range(0, len(tokens), self.n_batch):
                 chunk = tokens[start:start + self.n_batch]
                 self._decode((lib.llama_token * len(chunk))(*chunk), len(chunk))
-            while generated < budget:
-                token = lib.llama_sampler_sample(sampler, self.ctx, -1)
-                now = time.perf_counter()
-                if generated == 0:
-                    first_token_at = now
-                if not options.ignore_eos and lib.llama_vocab_is_eog(self.vocab, token):
-                    stop_reason = "stop"  # the end-of-generation token is not in the reply
-                    break
-                generated += 1
-                last_token_at = now
-                text = decoder.decode(self._token_bytes(token))
-                if leading:
-                    text = text.lstrip()
-                    leading = not text
-                # One event per token, even when its bytes end mid-character and the text
-                # waits for the next one: consumers can count tokens by events.
-                yield Token(text)
-                if generated >= budget:
-                    break
+            while True:
+                token = sample(sampler, ctx, -1)
+                yield token  # the loop asks for the next one only when the reply goes on
                 step[0] = token
-                status = lib.llama_decode(self.ctx, step_batch)
+                status = decode(ctx, step_batch)
                 if status != 0:
                     raise EngineFailure(f"llama_decode failed with status {status}"
                                         f"{_llama_said()}")
-            if tail := decoder.decode(b"", final=True):
-                yield Token(tail)  # bytes of an unfinished character, as U+FFFD
         finally:
             lib.llama_sampler_free(sampler)
             if self.auto_threads:
                 self._idle_since = sample_cpu()
-        yield Done(Stats(
-            prompt_tokens=len(tokens),
-            generated_tokens=generated,
-            prompt_seconds=first_token_at - started,
-            # Covers generated_tokens - 1 steps: the first token comes from the prompt.
-            generate_seconds=last_token_at - first_token_at,
-            stop_reason=stop_reason,
-            load_seconds=self.load_seconds,
-            peak_memory_bytes=peak_memory_bytes(),
-        ))
 
     def close(self) -> None:
         if getattr(self, "ctx", None):

@@ -1,9 +1,10 @@
 """Apple MLX through mlx-lm: MLX conversions and Hugging Face safetensors checkpoints.
 
-The loop is mlx-lm's own token generator (`generate_step`, which `stream_generate` runs
+The token stream is mlx-lm's own generator (`generate_step`, which `stream_generate` runs
 too: the prompt in chunks, then each step's compute queued before the previous token is
-handed out), with its sampler and streaming detokenizer. Around it, llmctl's contract:
-one `Token` per generated token, then `Done` with the same statistics as the llama engine.
+handed out), with its sampler and streaming detokenizer. The shared loop
+(`llmctl.engines.text`) turns it into the contract: one `Token` per generated token, then
+`Done` with the same statistics as the llama engine.
 
 On a CPU (Linux's `mlx[cpu]`), MLX computes float16 and bfloat16 far slower than float32
 (measured here: a 4-bit 1536x576 matrix-vector product takes 27 ms with float16 scales,
@@ -14,27 +15,22 @@ GPU runs them natively and nothing is changed.
 
 from __future__ import annotations
 
-import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Generator
 from functools import lru_cache
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 from llmctl.engines import chat_template
-from llmctl.engines.base import (
-    MAX_SEED,
-    Done,
-    Event,
+from llmctl.engines.text import (
     GenerationOptions,
     LoadOptions,
     Message,
-    Stats,
-    Token,
+    TokenEngine,
     default_context,
 )
-from llmctl.errors import EngineFailure, EngineUnavailable, UsageError
+from llmctl.errors import EngineFailure, EngineUnavailable
 from llmctl.formats import hf
 from llmctl.host import peak_memory_bytes
 
@@ -58,8 +54,9 @@ def _library() -> Any:
                            make_sampler=make_sampler)
 
 
-class MlxEngine:
+class MlxEngine(TokenEngine):
     name = "mlx"
+    threads = None  # MLX sizes its own CPU work
 
     def __init__(self, path: Path, options: LoadOptions, config: dict[str, Any]):
         lib = _library()
@@ -133,80 +130,32 @@ class MlxEngine:
             return list(tokens)
         return list(self.tokenizer.encode(chat_template.plain(messages)))
 
-    def count_tokens(self, messages: list[Message]) -> int:
-        """The prompt's length once formatted: what `chat` trims its history by."""
-        return len(self.prompt_tokens(messages))
-
     # -- generation ------------------------------------------------------------------------
 
-    def generate(self, messages: list[Message], options: GenerationOptions) -> Iterator[Event]:
-        yield from self.generate_from_tokens(self.prompt_tokens(messages), options)
-
-    def generate_from_tokens(self, tokens: list[int], options: GenerationOptions
-                             ) -> Iterator[Event]:
+    def _steps(self, tokens: list[int], options: GenerationOptions, budget: int
+               ) -> Generator[int, None, None]:
         lib = self.lib
         mx = lib.mx
-        options.validate()
-        if len(tokens) >= self.n_ctx:
-            raise UsageError(
-                f"the prompt is {len(tokens)} tokens but the context holds {self.n_ctx}",
-                hint="raise --ctx or shorten the prompt",
-            )
-        budget = self.n_ctx - len(tokens)
-        if options.max_tokens is not None:
-            budget = min(budget, options.max_tokens)
         if options.temperature > 0:
-            seed = options.seed if options.seed is not None else secrets.randbelow(MAX_SEED + 1)
-            mx.random.seed(seed)
+            mx.random.seed(options.seed)
         # mlx-lm raises for a top-k of the vocabulary or more; keeping that many tokens is
         # keeping them all, which top_k=0 says.
         top_k = 0 if self.vocabulary and options.top_k >= self.vocabulary else options.top_k
         sampler = lib.make_sampler(temp=options.temperature, top_p=options.top_p,
                                    min_p=options.min_p, top_k=top_k)
-        detokenizer = self.tokenizer.detokenizer
-        eos = frozenset() if options.ignore_eos else self.eos_ids
-        generated = 0
-        stop_reason = "length"
-        leading = True
-        started = time.perf_counter()
-        first_token_at = last_token_at = started
         # max_tokens=budget: the generator then queues no step past the last token wanted.
-        steps = lib.generate_step(mx.array(tokens), self.model, max_tokens=budget,
-                                  sampler=sampler)
-        try:
-            for token, _logprobs in steps:
-                now = time.perf_counter()
-                if generated == 0:
-                    first_token_at = now
-                if token in eos:
-                    stop_reason = "stop"  # the end-of-generation token is not in the reply
-                    break
-                generated += 1
-                last_token_at = now
-                detokenizer.add_token(token)
-                text = detokenizer.last_segment
-                if leading:
-                    text = text.lstrip()
-                    leading = not text
-                # One event per token, even when its bytes end mid-character and the text
-                # waits for the next one: consumers can count tokens by events.
-                yield Token(text)
-        finally:
-            steps.close()
-        detokenizer.finalize()
-        if tail := detokenizer.last_segment:
-            yield Token(tail.lstrip() if leading else tail)
-        yield Done(Stats(
-            prompt_tokens=len(tokens),
-            generated_tokens=generated,
-            prompt_seconds=first_token_at - started,
-            # Covers generated_tokens - 1 steps: the first token comes from the prompt.
-            generate_seconds=last_token_at - first_token_at,
-            stop_reason=stop_reason,
-            load_seconds=self.load_seconds,
-            # MLX's allocator peak counts Metal buffers, which need not show in the RSS.
-            peak_memory_bytes=max(peak_memory_bytes(), int(mx.get_peak_memory())),
-        ))
+        return _token_ids(lib.generate_step(mx.array(tokens), self.model, max_tokens=budget,
+                                            sampler=sampler))
+
+    def _detokenizer(self) -> StreamingDetokenizer:
+        return StreamingDetokenizer(self.tokenizer.detokenizer)
+
+    def _is_end(self, token: int) -> bool:
+        return token in self.eos_ids
+
+    def _peak_memory(self) -> int:
+        # MLX's allocator peak counts Metal buffers, which need not show in the RSS.
+        return max(peak_memory_bytes(), int(self.lib.mx.get_peak_memory()))
 
     def close(self) -> None:
         if getattr(self, "model", None) is None:
@@ -217,6 +166,32 @@ class MlxEngine:
             mx.set_wired_limit(self._wired_limit)
         self.model = None
         mx.clear_cache()
+
+
+def _token_ids(steps: Generator[tuple[int, Any], None, None]) -> Generator[int, None, None]:
+    """mlx-lm's (token, logprobs) pairs as token ids; closing this closes mlx-lm's
+    generator, which then queues no further step."""
+    try:
+        for token, _logprobs in steps:
+            yield token
+    finally:
+        steps.close()
+
+
+class StreamingDetokenizer:
+    """mlx-lm's streaming detokenizer (the tokenizer's own, so that spaces and byte tokens
+    come out as the tokenizer means them) as the loop's Detokenizer."""
+
+    def __init__(self, detokenizer: Any):
+        self._detokenizer = detokenizer
+
+    def add(self, token: int) -> str:
+        self._detokenizer.add_token(token)
+        return self._detokenizer.last_segment
+
+    def flush(self) -> str:
+        self._detokenizer.finalize()
+        return self._detokenizer.last_segment
 
 
 def load(path: Path, options: LoadOptions) -> MlxEngine:

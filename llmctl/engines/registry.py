@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llmctl.engines.base import LoadOptions, TextEngine
 from llmctl.engines.image import ImageEngine, ImageLoadOptions
+from llmctl.engines.text import LoadOptions, TextEngine
 from llmctl.errors import EngineUnavailable, UsageError
 from llmctl.formats import FORMATS, formats_of
 

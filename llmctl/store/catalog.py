@@ -443,14 +443,14 @@ class AvailableModel:
 @dataclass(frozen=True)
 class Availability:
     models: list[AvailableModel]
-    memory: int | None  # bytes this process may use (see llmctl.host)
+    memory: int | None  # bytes llmctl plans for a model to need (llmctl.host.allowed_memory)
 
 
 def available(catalog: Catalog, layout: StoreLayout, *, engine: str | None = None,
               kind: str | None = None, fits: bool = False) -> Availability:
     """Catalog models, filtered by engine and kind; with `fits`, only those known to fit
-    in the memory this process may use."""
-    from llmctl.host import usable_memory_bytes
+    in the memory llmctl plans for: the rule run's memory guard applies too."""
+    from llmctl.host import allowed_memory
     from llmctl.store.manifest import iter_manifests
 
     if kind is not None and kind not in KINDS:
@@ -459,7 +459,7 @@ def available(catalog: Catalog, layout: StoreLayout, *, engine: str | None = Non
     if engine is not None and engine not in engines:
         raise UsageError(f"unknown engine '{engine}'",
                          hint=f"choose one of: {', '.join(engines)}")
-    memory = usable_memory_bytes()
+    memory = allowed_memory()
     stored = {m.reference for m in iter_manifests(layout)}
     found = []
     for entry in catalog.entries:

@@ -19,6 +19,7 @@ from llmctl.store.manifest import Manifest
 from llmctl.store.names import (
     HubRef,
     PathRef,
+    Reference,
     UrlRef,
     parse_reference,
     sanitize_name,
@@ -74,7 +75,7 @@ def _waiting(reference: str, on_event: OnEvent) -> Callable[[], None]:
 
 
 def pull(
-    text: str,
+    ref: Reference | str,
     layout: StoreLayout,
     catalog: Catalog,
     *,
@@ -83,12 +84,14 @@ def pull(
     options: PullOptions | None = None,
     on_event: OnEvent = no_events,
 ) -> PullResult:
-    """Store the model `text` names. A model already stored is left alone unless `force`.
+    """Store the model `ref` names. A model already stored is left alone unless `force`.
 
     Two processes pulling the same model take turns (a lock per model): the second finds
     the model stored by the first and downloads nothing."""
     options = options or PullOptions()
-    ref = parse_reference(text)
+    if isinstance(ref, str):
+        ref = parse_reference(ref)
+    text = str(ref)  # credentials left out (llmctl.store.names.UrlRef)
     if isinstance(ref, PathRef):
         files = local.locate(ref.path)
         target_name, tag = resolve_name(name, sanitize_name(local.model_name(files)))
@@ -119,7 +122,9 @@ def pull(
             if isinstance(ref, HubRef | UrlRef) and not _same_source(stored, ref):
                 # Another file under the name this one would get (two URLs ending in
                 # model.gguf): say which, rather than "already in the store".
-                shown = public_url(text) if isinstance(ref, UrlRef) else text
+                shown = text
+                if isinstance(ref, UrlRef) and ref.sha256:
+                    shown += f"#sha256={ref.sha256}"
                 raise UsageError(
                     f"{reference} is already stored ({describe_source(stored)})",
                     hint=f"store this one beside it: llmctl pull {shown} --name NAME[:TAG]"

@@ -15,7 +15,7 @@ from llmctl.store.layout import StoreLayout
 from llmctl.store.lookup import find_by_digest, find_stored, suggestions
 from llmctl.store.manifest import Manifest
 from llmctl.store.model_files import check_file, model_folder
-from llmctl.store.names import HubRef, PathRef, UrlRef, parse_reference
+from llmctl.store.names import HubRef, PathRef, Reference, UrlRef, parse_reference
 from llmctl.store.pull import pull
 from llmctl.store.register import OnEvent, PullEvent, no_events
 from llmctl.store.sources import local
@@ -37,15 +37,17 @@ class Runnable:
 
 
 def runnable(
-    text: str,
+    ref: Reference | str,
     layout: StoreLayout,
     catalog: Catalog,
     *,
     on_event: OnEvent = no_events,
 ) -> Runnable:
     """The model to run for `text`: a stored model, a catalog model (pulled first, as
-    Ollama does), or a file or folder given by path (run in place, not stored)."""
-    ref = parse_reference(text)
+    Ollama does), or a file or folder given by path (run in place, not stored). The
+    reference is parsed once, by the caller or here, and handed on as it is."""
+    if isinstance(ref, str):
+        ref = parse_reference(ref)
     if isinstance(ref, PathRef):
         files = local.locate(ref.path)
         name = local.model_name(files)
@@ -58,16 +60,16 @@ def runnable(
         return Runnable(path, name, "text", "gguf", "llama", None, read_header(path))
     if isinstance(ref, HubRef | UrlRef):
         # As Ollama does for hf.co/... names: pull first (nothing if stored), then run.
-        return _stored_runnable(layout, pull(text, layout, catalog, on_event=on_event).manifest)
+        return _stored_runnable(layout, pull(ref, layout, catalog, on_event=on_event).manifest)
     manifest = find_stored(layout, catalog, ref)
     if manifest is None and ref.tag is None:
         manifest = find_by_digest(layout, ref.name)
     if manifest is None:
         match = catalog.find(ref.name, ref.tag)
         if match is None:
-            raise ModelNotFound(text, suggestions(text, layout, catalog))
+            raise ModelNotFound(str(ref), suggestions(str(ref), layout, catalog))
         on_event(PullEvent(match.reference, "pulling (not in the store yet)"))
-        manifest = pull(str(ref), layout, catalog, on_event=on_event).manifest
+        manifest = pull(ref, layout, catalog, on_event=on_event).manifest
     return _stored_runnable(layout, manifest)
 
 

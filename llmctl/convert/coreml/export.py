@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llmctl.convert.attention import AttentionImplementation, check_attention
+from llmctl.convert.coreml.attention import AttentionImplementation, check_attention
 from llmctl.errors import EngineFailure, UsageError, VerificationFailed
 from llmctl.formats.hf import folder_variant
 
@@ -443,7 +443,7 @@ def compare_chunks_on_macos(full: Path, first: Path, second: Path) -> float:
     expected = whole.predict(inputs)
     middle = chunk1.predict(inputs)
     final = chunk2.predict({**inputs, **middle})
-    from llmctl.convert.attention import psnr
+    from llmctl.convert.coreml.attention import psnr
 
     return min(psnr(expected[name], final[name]) for name in expected)
 

@@ -1,0 +1,115 @@
+"""Option types and helpers shared by the command modules: model arguments and their
+completion, the generation options of run and chat, reading a prompt, opening the store.
+
+Imported by every command at start-up: it must stay light (no engine, no store code at
+import time).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+if TYPE_CHECKING:
+    from llmctl.store.catalog import Catalog
+    from llmctl.store.layout import StoreLayout
+
+
+def complete_model(incomplete: str) -> list[str]:
+    """Stored models first, then catalog models: what `llmctl run <TAB>` offers."""
+    from llmctl.store import manifest
+    from llmctl.store.catalog import Catalog
+    from llmctl.store.layout import StoreLayout
+
+    layout = StoreLayout.default()
+    stored = [m.reference for m in manifest.iter_manifests(layout)]
+    try:
+        known = Catalog.default(layout.root).references()
+    except Exception:  # a broken user catalog must not break completion
+        known = []
+    seen: dict[str, None] = dict.fromkeys(r for r in stored + known if r.startswith(incomplete))
+    return list(seen)
+
+
+def complete_stored_model(incomplete: str) -> list[str]:
+    from llmctl.store import manifest
+    from llmctl.store.layout import StoreLayout
+
+    return [m.reference for m in manifest.iter_manifests(StoreLayout.default())
+            if m.reference.startswith(incomplete)]
+
+
+ModelArg = Annotated[str, typer.Argument(
+    metavar="MODEL", help="A model: NAME[:TAG], a path to a .gguf file, or an ID prefix.",
+    autocompletion=complete_model, show_default=False)]
+StoredModelsArg = Annotated[list[str], typer.Argument(
+    metavar="MODEL", help="Stored models: NAME[:TAG] or an ID prefix.",
+    autocompletion=complete_stored_model, show_default=False)]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print only names; no progress.")]
+
+
+def open_store() -> tuple[StoreLayout, Catalog]:
+    from llmctl.store.catalog import Catalog
+    from llmctl.store.layout import StoreLayout
+
+    layout = StoreLayout.default()
+    return layout, Catalog.default(layout.root)
+
+
+# -- run and chat ----------------------------------------------------------------------
+# The bounds of the numeric options are checked in one place, GenerationOptions.validate
+# and LoadOptions.validate (llmctl.engines.text), for every command and engine; the
+# minimums here only show the range in --help.
+SystemOpt = Annotated[str | None, typer.Option(help="A system prompt.")]
+TemperatureOpt = Annotated[float, typer.Option(
+    min=0.0, help="0 picks the likeliest token every time; at most 100.")]
+TopPOpt = Annotated[float, typer.Option(min=0.0, max=1.0)]
+TopKOpt = Annotated[int, typer.Option(min=0, help="0 turns it off.")]
+SeedOpt = Annotated[int | None, typer.Option(
+    min=0, help="Same seed and options, same output; 0 to 4294967294. [default: random]",
+    show_default=False)]
+MaxTokensOpt = Annotated[int | None, typer.Option(
+    min=1, help="Stop after this many tokens. [default: until the model stops]",
+    show_default=False)]
+CtxOpt = Annotated[int | None, typer.Option(
+    min=16, help="Context length in tokens, at most the model's trained context. "
+    "[default: the model's, at most 4096]", show_default=False)]
+ThreadsOpt = Annotated[int | None, typer.Option(
+    min=1, help="CPU threads, at most the CPUs this process may use. [default: the physical "
+    "cores other processes leave free]", show_default=False)]
+EngineOpt = Annotated[str | None, typer.Option(
+    help="Engine to use. [default: chosen by the model's format]", show_default=False)]
+VerboseOpt = Annotated[bool, typer.Option(
+    "--verbose", "-v", help="Load time, tokens/s and peak memory on stderr.")]
+ForceOpt = Annotated[bool, typer.Option(
+    "--force", help="Load the model even when it looks too big for this machine's memory.")]
+
+
+def text_stdin() -> None:
+    """Read stdin as UTF-8 whatever the locale, bytes that are not UTF-8 becoming U+FFFD:
+    piped text with a stray byte (or a binary file) is still a prompt, instead of a
+    UnicodeEncodeError on the surrogates Python would otherwise decode it to. No-op when
+    stdin is closed (then `sys.stdin` is None)."""
+    if sys.stdin is not None and hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(encoding="utf-8", errors="replace")
+
+
+def read_prompt(words: list[str] | None) -> str:
+    """stdin first (when it is not a terminal), then the arguments, as Ollama does; a
+    UsageError when both are empty."""
+    from llmctl.errors import UsageError
+
+    parts = []
+    if sys.stdin is not None and not sys.stdin.isatty():
+        text_stdin()
+        piped = sys.stdin.read().strip()
+        if piped:
+            parts.append(piped)
+    if words:
+        parts.append(" ".join(words))
+    if not parts:
+        raise UsageError("no prompt given", hint="pass PROMPT or pipe text on stdin")
+    return "\n\n".join(parts)

@@ -1,0 +1,364 @@
+"""The text engine contract, and the one generation loop every text engine feeds.
+
+    run, chat, bench, batch  ->  TextEngine.generate(messages, options)
+                                 yields Token(text) per generated token, then Done(Stats)
+
+An engine built on `TokenEngine` writes only what is its own: opening the model, turning
+messages into prompt tokens (its chat template), and the token stream (`_steps`: prefill,
+sampling, decoding, in whatever way keeps its library fastest), the text of each token
+(`_detokenizer`) and its end-of-generation test. `TokenEngine.generate_from_tokens` does the
+rest once for all engines: the options and context checks, the token budget, the seed, the
+leading-space strip, one `Token` per token, the timing and the `Done` statistics.
+
+Import-light (no numpy, no engine library): `run --help` and the option checks use it.
+"""
+
+from __future__ import annotations
+
+import codecs
+import math
+import secrets
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Generator, Iterator
+from dataclasses import asdict, dataclass, replace
+from typing import Literal, Protocol
+
+from llmctl import host
+from llmctl.errors import UsageError
+
+Role = Literal["system", "user", "assistant"]
+StopReason = Literal["stop", "length", "interrupted"]
+
+
+@dataclass(frozen=True)
+class Message:
+    role: Role
+    content: str
+
+
+# Context used when none is asked for: the model's own, at most this many tokens (more
+# costs memory few prompts need). The engines and the memory estimate share it.
+DEFAULT_CONTEXT = 4096
+# The smallest context --ctx takes. llama.cpp allocates at least 256 cells whatever is
+# asked; the engines keep to the number asked for, so that what is reported is what is used.
+MIN_CONTEXT = 16
+# The largest context for a model that does not say what it was trained for. llama.cpp
+# keeps the context in 32-bit fields (4294967312 wrapped round to 16 and then aborted);
+# 2^24 tokens is above every trained context published so far and far inside that.
+MAX_CONTEXT = 1 << 24
+# Seeds: llama.cpp's samplers take 32 bits and read 0xFFFFFFFF (LLAMA_DEFAULT_SEED) as
+# "pick a random seed", so the largest seed that reproduces is one below it. MLX gets the
+# same range, so that a seed means the same on both engines.
+MAX_SEED = 0xFFFFFFFF - 1
+# Temperature: above a few, sampling is already uniform; past float32's range (which the
+# engines compute in) it turns into infinity. 100 keeps every useful value.
+MAX_TEMPERATURE = 100.0
+MAX_TOP_K = (1 << 31) - 1  # llama.cpp's int32; beyond the vocabulary, top-k keeps everything
+
+
+def default_context(requested: int | None, trained: int | None) -> int:
+    """The context length an engine opens a model with."""
+    return requested or min(trained or DEFAULT_CONTEXT, DEFAULT_CONTEXT)
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    context_length: int | None = None  # None: the engine's default for the model
+    threads: int | None = None  # None: the cores other processes leave free
+
+    def validate(self, trained_context: int | None = None) -> tuple[LoadOptions, list[str]]:
+        """The options bounded by what the engines accept, and notes on what was changed.
+
+        A context outside MIN_CONTEXT..the model's trained context (MAX_CONTEXT when the
+        model does not say) is refused: beyond its trained length a model writes nonsense,
+        and past 32 bits llama.cpp aborts. More threads than this process may run at once
+        are lowered to that many (`llmctl.host.cpu_limit`), with a note: the extra
+        threads could only wait for a CPU, and slow every other thread down while they do.
+        """
+        ctx = self.context_length
+        if ctx is not None:
+            if ctx < MIN_CONTEXT:
+                raise UsageError(f"--ctx {ctx} is below the smallest context, {MIN_CONTEXT} "
+                                 "tokens", hint=f"use --ctx {MIN_CONTEXT} or more")
+            limit = trained_context or MAX_CONTEXT
+            if ctx > limit:
+                said = (f"the {limit} tokens the model was trained for" if trained_context
+                        else f"llmctl's limit of {limit} tokens for a model that does not "
+                             "say its trained context")
+                raise UsageError(f"--ctx {ctx} is more than {said}",
+                                 hint=f"use --ctx {limit} or less")
+        notes = []
+        threads = self.threads
+        if threads is not None:
+            if threads < 1:
+                raise UsageError(f"--threads {threads} is below 1", hint="use --threads 1 or "
+                                 "more, or leave it out to use the cores that are free")
+            if threads > (most := host.cpu_limit()):
+                notes.append(f"--threads {threads} is more than the {most} CPUs this process "
+                             f"may use; using {most}")
+                threads = most
+        return replace(self, threads=threads), notes
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 40
+    min_p: float = 0.05
+    seed: int | None = None  # None: a fresh random seed each time
+    max_tokens: int | None = None  # None: until the model stops or the context is full
+    ignore_eos: bool = False  # benchmarks generate a fixed number of tokens
+
+    def validate(self) -> GenerationOptions:
+        """The options themselves, or UsageError for a value no engine can sample with.
+        Called by run and chat before loading the model, and by the engines before each
+        reply, so that no caller hands llama.cpp or MLX a NaN or a wrapped-round integer
+        (command-line ranges do not catch NaN: every comparison with it is false)."""
+        _check_range("--temperature", self.temperature, 0.0, MAX_TEMPERATURE)
+        _check_range("--top-p", self.top_p, 0.0, 1.0)
+        _check_range("min_p", self.min_p, 0.0, 1.0)
+        _check_range("--top-k", self.top_k, 0, MAX_TOP_K)
+        if self.seed is not None:
+            _check_range("--seed", self.seed, 0, MAX_SEED,
+                         why=f" ({MAX_SEED + 1} means 'random' to llama.cpp)")
+        if self.max_tokens is not None:
+            _check_range("--max-tokens", self.max_tokens, 1, None)
+        return self
+
+
+def _check_range(name: str, value: float, low: float, high: float | None, why: str = ""
+                 ) -> None:
+    finite = isinstance(value, int) or math.isfinite(value)
+    if finite and value >= low and (high is None or value <= high):
+        return
+    bounds = f"from {low:g} to {high:g}" if high is not None else f"of at least {low:g}"
+    if isinstance(low, int):
+        bounds = f"from {low} to {high}" if high is not None else f"of at least {low}"
+    raise UsageError(f"{name} {value} is out of range{why}", hint=f"use a number {bounds}")
+
+
+@dataclass(frozen=True)
+class Token:
+    """One generated token. `text` is "" while a character's bytes are incomplete."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Stats:
+    prompt_tokens: int
+    generated_tokens: int
+    prompt_seconds: float  # prompt processing, up to the first token
+    generate_seconds: float  # from the first token to the last
+    stop_reason: StopReason
+    load_seconds: float = 0.0
+    peak_memory_bytes: int = 0
+
+    @property
+    def prompt_tokens_per_second(self) -> float:
+        return self.prompt_tokens / self.prompt_seconds if self.prompt_seconds else 0.0
+
+    @property
+    def generate_tokens_per_second(self) -> float:
+        # The first token is produced by prompt processing; the rest each cost one decode.
+        decoded = max(self.generated_tokens - 1, 0)
+        return decoded / self.generate_seconds if self.generate_seconds else 0.0
+
+    def to_dict(self) -> dict[str, object]:
+        data = asdict(self)
+        data["prompt_tokens_per_second"] = round(self.prompt_tokens_per_second, 2)
+        data["generate_tokens_per_second"] = round(self.generate_tokens_per_second, 2)
+        return data
+
+
+@dataclass(frozen=True)
+class Done:
+    stats: Stats
+
+
+Event = Token | Done
+
+
+class TextEngine(Protocol):
+    """A loaded text model, as every command uses it. Typed against this, not an engine."""
+
+    @property
+    def name(self) -> str:
+        """The engine's name in the registry ("llama", "mlx")."""
+        ...
+
+    @property
+    def context_length(self) -> int:
+        """Tokens the context holds: prompt and reply together never exceed it."""
+        ...
+
+    @property
+    def threads(self) -> int | None:
+        """CPU threads the engine computes with; None where it sizes its own work (MLX)."""
+        ...
+
+    @property
+    def load_seconds(self) -> float: ...
+
+    def prompt_tokens(self, messages: list[Message]) -> list[int]:
+        """The conversation formatted with the model's own chat template, as token ids."""
+        ...
+
+    def count_tokens(self, messages: list[Message]) -> int:
+        """len(prompt_tokens(messages)): what `chat` trims its history by."""
+        ...
+
+    def generate(self, messages: list[Message], options: GenerationOptions) -> Iterator[Event]:
+        """Stream the reply to `messages`, formatted with the model's own chat template."""
+        ...
+
+    def generate_from_tokens(self, tokens: list[int], options: GenerationOptions
+                             ) -> Iterator[Event]:
+        """Stream the continuation of `tokens` as they are (benchmarks time this)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class Detokenizer(Protocol):
+    """Text from token ids, one token at a time, for one reply."""
+
+    def add(self, token: int) -> str:
+        """The text `token` completes: "" while a character's bytes are incomplete."""
+        ...
+
+    def flush(self) -> str:
+        """What is left at the end of the reply (an unfinished character, as U+FFFD)."""
+        ...
+
+
+class ByteDetokenizer:
+    """For tokenizers that give each token's bytes: decoded as UTF-8 incrementally, so that
+    a character split over two tokens comes out whole with the second."""
+
+    def __init__(self, token_bytes: Callable[[int], bytes]):
+        self._bytes = token_bytes
+        self._decode = codecs.getincrementaldecoder("utf-8")(errors="replace").decode
+
+    def add(self, token: int) -> str:
+        return self._decode(self._bytes(token))
+
+    def flush(self) -> str:
+        return self._decode(b"", True)
+
+
+class TokenEngine(ABC):
+    """A text engine on the shared generation loop. Subclasses set `name`, `load_seconds`
+    (and `threads` where they have them) and write the abstract methods."""
+
+    name: str
+    load_seconds: float = 0.0
+    threads: int | None = None
+
+    @property
+    @abstractmethod
+    def context_length(self) -> int: ...
+
+    @abstractmethod
+    def prompt_tokens(self, messages: list[Message]) -> list[int]: ...
+
+    @abstractmethod
+    def _steps(self, tokens: list[int], options: GenerationOptions, budget: int
+               ) -> Generator[int, None, None]:
+        """The token stream of one reply: prefill `tokens`, then sample and decode.
+
+        Called before the clock starts, so what runs before it returns is set-up (clearing
+        the cache, seeding). The first `next()` processes the prompt and yields the first
+        sampled token; each later one decodes the token before it and yields the next.
+        The loop asks for at most `budget` tokens and stops asking at the end-of-generation
+        token, so nothing is decoded that the reply does not use; then it closes the
+        stream, which frees what the stream holds (in its `finally`). `options.seed` is
+        always set: the loop picks one when the caller did not."""
+
+    @abstractmethod
+    def _detokenizer(self) -> Detokenizer:
+        """A fresh detokenizer for one reply."""
+
+    @abstractmethod
+    def _is_end(self, token: int) -> bool:
+        """Whether `token` ends the reply (end of turn, end of text)."""
+
+    def _peak_memory(self) -> int:
+        """The peak memory reported in the reply's statistics."""
+        return host.peak_memory_bytes()
+
+    def close(self) -> None:  # noqa: B027  (engines without native resources keep this)
+        pass
+
+    def count_tokens(self, messages: list[Message]) -> int:
+        return len(self.prompt_tokens(messages))
+
+    def generate(self, messages: list[Message], options: GenerationOptions) -> Iterator[Event]:
+        yield from self.generate_from_tokens(self.prompt_tokens(messages), options)
+
+    def generate_from_tokens(self, tokens: list[int], options: GenerationOptions
+                             ) -> Iterator[Event]:
+        """The one generation loop. Per token it adds only a clock read, the end test and
+        the detokenizer's call to the engine's own step (llama.cpp's runs at llama-bench's
+        speed through it: README, performance table)."""
+        # Checked before each reply as well as by the commands, so that no library caller
+        # hands an engine a NaN or a wrapped-round integer.
+        options.validate()
+        context = self.context_length
+        if len(tokens) >= context:
+            raise UsageError(
+                f"the prompt is {len(tokens)} tokens but the context holds {context}",
+                hint="raise --ctx or shorten the prompt",
+            )
+        budget = context - len(tokens)
+        if options.max_tokens is not None:
+            budget = min(budget, options.max_tokens)
+        if options.seed is None:
+            # A seed of our own, from the range a user could pass, never an engine's
+            # "random" value: every reply ran with a seed that reproduces it.
+            options = replace(options, seed=secrets.randbelow(MAX_SEED + 1))
+        detokenizer = self._detokenizer()
+        add, is_end = detokenizer.add, self._is_end
+        stop_on_end = not options.ignore_eos
+        clock = time.perf_counter
+        generated = 0
+        stop_reason: StopReason = "length"
+        leading = True
+        steps = self._steps(tokens, options, budget)
+        started = clock()
+        first_token_at = last_token_at = started
+        try:
+            for token in steps:
+                now = clock()
+                if generated == 0:
+                    first_token_at = now
+                if stop_on_end and is_end(token):
+                    stop_reason = "stop"  # the end-of-generation token is not in the reply
+                    break
+                generated += 1
+                last_token_at = now
+                text = add(token)
+                if leading:  # the reply starts at its first visible character
+                    text = text.lstrip()
+                    leading = not text
+                # One event per token, even when its bytes end mid-character and the text
+                # waits for the next one: consumers can count tokens by events.
+                yield Token(text)
+                if generated >= budget:
+                    break
+        finally:
+            steps.close()
+        if tail := detokenizer.flush():
+            yield Token(tail.lstrip() if leading else tail)
+        yield Done(Stats(
+            prompt_tokens=len(tokens),
+            generated_tokens=generated,
+            prompt_seconds=first_token_at - started,
+            # Covers generated_tokens - 1 steps: the first token comes from the prompt.
+            generate_seconds=last_token_at - first_token_at,
+            stop_reason=stop_reason,
+            load_seconds=self.load_seconds,
+            peak_memory_bytes=self._peak_memory(),
+        ))

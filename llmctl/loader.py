@@ -1,0 +1,125 @@
+"""Opening a model: what every command that runs one does before its first token.
+
+    reference -> the model's files (stored, pulled first, or a path: store.resolve)
+              -> the right kind (a text command refuses an image model, and back)
+              -> the engine (its format, or --engine: engines.registry)
+              -> the options' bounds, the memory check (engines.memory)
+              -> the loaded engine
+
+`open_text` serves run, chat (and bench, batch); `open_image` serves imagine. Both take a
+parsed reference, report pulling through `on_event` and notes through `on_note` as they
+arise (before the load, which can take a while), and return an `Opened`: the model, its
+engine spec, the loaded engine, the memory check and the catalog's default parameters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Generic, Literal, TypeVar
+
+from llmctl.engines import registry
+from llmctl.engines.image import ImageEngine, ImageLoadOptions
+from llmctl.engines.memory import (
+    MemoryCheck,
+    check_fits,
+    estimate_image_memory,
+    estimate_text_memory,
+    model_shape,
+)
+from llmctl.engines.registry import EngineSpec
+from llmctl.engines.text import LoadOptions, TextEngine
+from llmctl.errors import UsageError
+from llmctl.formats.diffusers import default_size
+from llmctl.host import default_torch_device
+from llmctl.store.catalog import Catalog
+from llmctl.store.layout import StoreLayout
+from llmctl.store.names import Reference
+from llmctl.store.register import OnEvent, no_events
+from llmctl.store.resolve import Runnable, runnable
+from llmctl.units import format_bytes
+
+E = TypeVar("E")
+
+
+@dataclass(frozen=True)
+class Note:
+    """Something the user should know about how the model was opened."""
+
+    text: str
+    severity: Literal["note", "warning"] = "note"
+
+
+OnNote = Callable[[Note], None]
+
+
+def no_notes(_note: Note) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class Opened(Generic[E]):
+    model: Runnable
+    spec: EngineSpec
+    engine: E
+    memory: MemoryCheck
+    # The catalog entry's default parameters (imagine's steps, guidance, size), if any.
+    defaults: dict[str, Any] = field(default_factory=dict)
+
+
+def open_text(ref: Reference, layout: StoreLayout, catalog: Catalog, *,
+              engine: str | None = None, options: LoadOptions | None = None,
+              force: bool = False, on_event: OnEvent = no_events,
+              on_note: OnNote = no_notes) -> Opened[TextEngine]:
+    """Find the text model `ref` names (pulling a catalog model first), check its options
+    and that it fits in memory (InsufficientResources unless `force`), and load it."""
+    target = runnable(ref, layout, catalog, on_event=on_event)
+    if target.kind != "text":
+        raise UsageError(f"{target.name} is an image model", hint="use llmctl imagine")
+    spec = registry.choose(target.format, target.kind, engine)
+    # Bounds first: a --ctx past the model's trained context is a usage error, not a
+    # memory estimate of terabytes.
+    options, notes = (options or LoadOptions()).validate(model_shape(target).trained_context)
+    for note in notes:
+        on_note(Note(note))
+    check = _checked(target, check_fits(estimate_text_memory(target, options.context_length),
+                                        force), on_note)
+    return Opened(target, spec, registry.load_text_engine(spec, target.path, options), check)
+
+
+def open_image(ref: Reference, layout: StoreLayout, catalog: Catalog, *,
+               engine: str | None = None, options: ImageLoadOptions | None = None,
+               width: int | None = None, height: int | None = None, force: bool = False,
+               on_event: OnEvent = no_events, on_note: OnNote = no_notes
+               ) -> Opened[ImageEngine]:
+    """Find the image model `ref` names (pulling a catalog model first), check that its
+    engine runs here and that a `width` x `height` image fits in memory, and load it."""
+    target = runnable(ref, layout, catalog, on_event=on_event)
+    if target.kind != "image":
+        raise UsageError(f"{target.name} is a text model", hint=f"try: llmctl run {ref}")
+    spec = registry.choose(target.format, target.kind, engine)
+    registry.check_available(spec)
+    options = options or ImageLoadOptions()
+    defaults: dict[str, Any] = {}
+    if target.manifest is not None:
+        match = catalog.find(target.manifest.name, target.manifest.tag)
+        defaults = dict(match.entry.parameters) if match else {}
+    size = default_size(target.path) or (512, 512)
+    # float16 weights count twice where diffusers computes in float32 (on a CPU).
+    upcast = spec.name == "diffusers" and (options.device or default_torch_device()) == "cpu"
+    check = _checked(target, check_fits(estimate_image_memory(
+        target.path, width or defaults.get("width", size[0]),
+        height or defaults.get("height", size[1]), upcast), force), on_note)
+    return Opened(target, spec, registry.load_image_engine(spec, target.path, options), check,
+                  defaults)
+
+
+def _checked(target: Runnable, check: MemoryCheck, on_note: OnNote) -> MemoryCheck:
+    """A model that does not fit is loaded only with --force (check_fits refused it
+    otherwise): say so before the load."""
+    if not check.fits:
+        on_note(Note(f"{target.name} may not fit in memory (need about "
+                     f"{format_bytes(check.estimate.total)}, have "
+                     f"{format_bytes(check.allowed or 0)}); loading anyway (--force)",
+                     "warning"))
+    return check
