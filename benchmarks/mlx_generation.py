@@ -57,7 +57,7 @@ def default_model() -> Path:
 
 
 def prompt_tokens(engine, target: int) -> list[int]:
-    from llmctl.engines.base import Message
+    from llmctl.engines.text import Message
 
     words = FILLER * (target // 20 + 4)
     tokens = engine.prompt_tokens([Message("user", words)])
@@ -68,7 +68,7 @@ def prompt_tokens(engine, target: int) -> list[int]:
 
 
 def llmctl_pp(engine, tokens: list[int]) -> float:
-    from llmctl.engines.base import Done, GenerationOptions
+    from llmctl.engines.text import Done, GenerationOptions
 
     for event in engine.generate_from_tokens(tokens, GenerationOptions(temperature=0,
                                                                        max_tokens=1)):
@@ -78,7 +78,7 @@ def llmctl_pp(engine, tokens: list[int]) -> float:
 
 
 def llmctl_tg(engine, tokens: list[int], count: int) -> float:
-    from llmctl.engines.base import Done, GenerationOptions
+    from llmctl.engines.text import Done, GenerationOptions
 
     options = GenerationOptions(temperature=0, max_tokens=count, ignore_eos=True)
     for event in engine.generate_from_tokens(tokens, options):
@@ -120,8 +120,8 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
-    from llmctl.engines.base import LoadOptions, Message
     from llmctl.engines.mlx import load
+    from llmctl.engines.text import LoadOptions, Message
 
     folder = args.model or default_model()
     engine = load(folder, LoadOptions())
