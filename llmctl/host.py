@@ -215,11 +215,14 @@ def default_threads(since: CpuSample | None) -> tuple[int, float | None]:
 
 # -- memory --------------------------------------------------------------------------------
 
-def peak_memory_bytes() -> int:
-    """The largest resident set this process has had."""
+def peak_memory_bytes(children: bool = False) -> int:
+    """The largest resident set this process has had; with `children`, also any child
+    process it waited for (conversions run components in child processes)."""
     import resource
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if children:
+        peak = max(peak, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
     return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
 
 

@@ -6,7 +6,8 @@
               -> the options' bounds, the memory check (engines.memory)
               -> the loaded engine
 
-`open_text` serves run, chat (and bench, batch); `open_image` serves imagine. Both take a
+`open_text` serves run and chat (and every later command that runs a text model);
+`open_image` serves imagine. Both take a
 parsed reference, report pulling through `on_event` and notes through `on_note` as they
 arise (before the load, which can take a while), and return an `Opened`: the model, its
 engine spec, the loaded engine, the memory check and the catalog's default parameters.
@@ -82,8 +83,8 @@ def open_text(ref: Reference, layout: StoreLayout, catalog: Catalog, *,
     options, notes = (options or LoadOptions()).validate(model_shape(target).trained_context)
     for note in notes:
         on_note(Note(note))
-    check = _checked(target, check_fits(estimate_text_memory(target, options.context_length),
-                                        force), on_note)
+    check = check_fits(estimate_text_memory(target, options.context_length), force)
+    _warn_if_forced(target, check, on_note)
     return Opened(target, spec, registry.load_text_engine(spec, target.path, options), check)
 
 
@@ -107,14 +108,15 @@ def open_image(ref: Reference, layout: StoreLayout, catalog: Catalog, *,
     size = default_size(target.path) or (512, 512)
     # float16 weights count twice where diffusers computes in float32 (on a CPU).
     upcast = spec.name == "diffusers" and (options.device or default_torch_device()) == "cpu"
-    check = _checked(target, check_fits(estimate_image_memory(
+    check = check_fits(estimate_image_memory(
         target.path, width or defaults.get("width", size[0]),
-        height or defaults.get("height", size[1]), upcast), force), on_note)
+        height or defaults.get("height", size[1]), upcast), force)
+    _warn_if_forced(target, check, on_note)
     return Opened(target, spec, registry.load_image_engine(spec, target.path, options), check,
                   defaults)
 
 
-def _checked(target: Runnable, check: MemoryCheck, on_note: OnNote) -> MemoryCheck:
+def _warn_if_forced(target: Runnable, check: MemoryCheck, on_note: OnNote) -> None:
     """A model that does not fit is loaded only with --force (check_fits refused it
     otherwise): say so before the load."""
     if not check.fits:
@@ -122,4 +124,3 @@ def _checked(target: Runnable, check: MemoryCheck, on_note: OnNote) -> MemoryChe
                      f"{format_bytes(check.estimate.total)}, have "
                      f"{format_bytes(check.allowed or 0)}); loading anyway (--force)",
                      "warning"))
-    return check

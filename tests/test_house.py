@@ -24,9 +24,9 @@ FLOORS: list[tuple[str, ...]] = [
 ]
 # A command module parses, calls one library function and renders: this many lines at
 # most. app.py (the dispatcher), output.py (the one output module), errors.py (the one
-# error table), options/common (shared option types) are not command modules.
+# error table), options.py (shared option types) are not command modules.
 COMMAND_LINES = 200
-NOT_COMMANDS = {"app.py", "output.py", "errors.py", "common.py", "options.py", "__init__.py"}
+NOT_COMMANDS = {"app.py", "output.py", "errors.py", "options.py", "__init__.py"}
 
 
 def module_name(path: Path) -> str:

@@ -11,9 +11,13 @@ import os
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Protocol, TextIO, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TextIO, TypeVar
 
 from llmctl.units import format_bytes, format_seconds
+
+if TYPE_CHECKING:
+    from llmctl.engines.text import Stats
+    from llmctl.loader import Note
 
 
 def is_terminal(stream: TextIO) -> bool:
@@ -185,10 +189,10 @@ class Output:
             self.text("\n")
         self._in_reply = False
 
-    def stats(self, stats: Any, threads: int | None = None) -> None:
-        """--verbose: Ollama's statistics block of a reply (llmctl.engines.text.Stats), on
-        stderr, with the CPU threads the engine ran when it counts them (the default
-        depends on what else keeps the CPUs busy)."""
+    def stats(self, stats: Stats, threads: int | None = None) -> None:
+        """--verbose: Ollama's statistics block of a reply, on stderr, with the CPU threads
+        the engine ran when it counts them (the default depends on what else keeps the
+        CPUs busy)."""
         self.info(
             f"load duration:     {stats.load_seconds:.2f}s\n"
             f"prompt eval count: {stats.prompt_tokens} token(s)\n"
@@ -200,8 +204,8 @@ class Output:
             + f"peak memory:       {format_bytes(stats.peak_memory_bytes)}"
         )
 
-    def note(self, note: Any) -> None:
-        """A note from the library (llmctl.loader.Note): "note: ..." or a warning."""
+    def note(self, note: Note) -> None:
+        """A note from the library: "note: ..." or a warning."""
         if note.severity == "warning":
             self.warn(note.text)
         else:

@@ -175,8 +175,7 @@ def model_shape(model: TextModelFiles) -> Shape:
 
 
 def _is_gguf(model: TextModelFiles) -> bool:
-    return (getattr(model, "format", "gguf") == "gguf"
-            and getattr(model, "header", None) is not None)
+    return model.format == "gguf" and model.header is not None
 
 
 def _int(value: Any) -> int:

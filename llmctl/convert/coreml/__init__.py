@@ -35,9 +35,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import resource
 import shutil
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,6 +45,7 @@ from llmctl.convert.coreml.options import CoremlOptions
 from llmctl.convert.coreml.pipeline import Pipeline, inspect_pipeline, memory_warning
 from llmctl.errors import UsageError
 from llmctl.formats import ModelFormat
+from llmctl.host import peak_memory_bytes
 from llmctl.store.catalog import Catalog
 from llmctl.store.layout import StoreLayout
 from llmctl.store.lookup import find_stored
@@ -126,7 +125,7 @@ class CoremlTarget(Target):
                           {"options": options.recorded(), "versions": job.report["versions"]},
                           {"compiled": job.compiled, "resumed": job.resumed,
                            "notes": job.notes, "warnings": job.warnings, "report": job.report,
-                           "peak_memory": conversion_peak_memory_bytes()})
+                           "peak_memory": peak_memory_bytes(children=True)})
             shutil.rmtree(work, ignore_errors=True)
 
 
@@ -145,10 +144,3 @@ def _work_key(source: Runnable, options: CoremlOptions) -> str:
     data = json.dumps([identity, options.shaping()], sort_keys=True, default=str)
     return hashlib.sha256(data.encode()).hexdigest()[:16]
 
-
-def conversion_peak_memory_bytes() -> int:
-    """The largest resident size of this process or of any child it waited for (the
-    components converted with --low-memory)."""
-    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB here
-    return max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-               resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) * scale
