@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -24,7 +23,8 @@ from typing import Any
 
 from llmctl.convert import Product, Request, Target, work_folder
 from llmctl.errors import EngineFailure, EngineUnavailable, UsageError
-from llmctl.formats import ModelFormat
+from llmctl.formats import ModelFormat, hf
+from llmctl.store.layout import reference_part
 from llmctl.store.resolve import Runnable
 
 # What MLX's affine quantization takes (mx.quantize).
@@ -77,7 +77,7 @@ class MlxTarget(Target):
                              hint="--to mlx converts text models: GGUF, or Hugging Face "
                              "safetensors checkpoints")
         if source.format != "gguf":
-            config = json.loads((source.path / "config.json").read_text())
+            config = hf.read_config(source.path)
             if config.get("quantization") or config.get("quantization_config"):
                 raise UsageError(f"{source.name} is already quantized",
                                  hint="convert the unquantized checkpoint, or run this one: "
@@ -92,7 +92,7 @@ class MlxTarget(Target):
                                           request.step)
         group_size = options.group_size or (
             GGUF_GROUP_SIZE if source.format == "gguf" else DEFAULT_GROUP_SIZE)
-        with layout.work_lock(f"convert-{_lock_key(request.reference)}"), \
+        with layout.work_lock(f"convert-{reference_part(request.reference)}"), \
                 work_folder(layout) as work:
             dtype = None
             if source.format == "gguf":
@@ -116,10 +116,6 @@ class MlxTarget(Target):
 
 
 TARGET = MlxTarget()
-
-
-def _lock_key(reference: str) -> str:
-    return reference.replace("/", "--").replace(":", "@")
 
 
 def dequantize_gguf(source: Runnable, work: Path,

@@ -10,7 +10,6 @@ queue). The worker adds one queue hand-off per step; the benchmark in README sho
 
 from __future__ import annotations
 
-import json
 import os
 import queue
 import threading
@@ -77,10 +76,8 @@ def _variant(folder: Path) -> str | None:
 def _missing_components(folder: Path) -> dict[str, None]:
     """Components model_index.json names whose folder was not pulled (the catalog leaves
     out the safety checker): loaded as None instead of failing."""
-    index = json.loads((folder / "model_index.json").read_text())
-    return {name: None for name, value in index.items()
-            if isinstance(value, list) and value and value[0]
-            and not (folder / name).is_dir()}
+    return {name: None for name in sorted(diffusers_format.read_components(
+        folder / diffusers_format.INDEX)) if not (folder / name).is_dir()}
 
 
 def _quiet_libraries() -> None:

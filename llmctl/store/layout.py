@@ -50,6 +50,12 @@ def path_part(text: object, what: str) -> str:
     return text
 
 
+def reference_part(reference: str) -> str:
+    """A model reference (org/name:tag) as part of one file name, for the locks held
+    while a model is pulled or converted: '/' -> '--', ':' -> '@'."""
+    return reference.replace("/", "--").replace(":", "@")
+
+
 def checked_digest(text: object) -> str:
     """A content digest as the store names blobs by: "sha256:" and 64 lower-case hex."""
     if not isinstance(text, str) or not _DIGEST.match(text):

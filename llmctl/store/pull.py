@@ -13,7 +13,7 @@ from llmctl.store import manifest as manifests
 from llmctl.store import sources
 from llmctl.store.catalog import Catalog, CatalogMatch
 from llmctl.store.credentials import public_url
-from llmctl.store.layout import StoreLayout
+from llmctl.store.layout import StoreLayout, reference_part
 from llmctl.store.lookup import find_stored, suggestions
 from llmctl.store.manifest import Manifest
 from llmctl.store.names import (
@@ -117,7 +117,7 @@ def pull(
         else:
             return PullResult(stored, "exists")
     reference = f"{target_name}:{tag}"
-    with layout.work_lock(_lock_key(reference), _waiting(reference, on_event)):
+    with layout.work_lock(f"pull-{reference_part(reference)}", _waiting(reference, on_event)):
         if not force and (stored := manifests.load(layout, target_name, tag)):
             if isinstance(ref, HubRef | UrlRef) and not _same_source(stored, ref):
                 # Another file under the name this one would get (two URLs ending in
@@ -150,9 +150,5 @@ def _same_source(stored: Manifest, ref: HubRef | UrlRef) -> bool:
         return source.get("type") == "hf" and source.get("repo") == ref.repo
     # Stored URLs carry no credentials: compare without them (a re-signed URL is the same).
     return source.get("type") == "url" and source.get("url") == public_url(ref.url)
-
-
-def _lock_key(reference: str) -> str:
-    return "pull-" + reference.replace("/", "--").replace(":", "@")
 
 
