@@ -253,7 +253,7 @@ def usable_memory_bytes() -> int | None:
     configured = os.environ.get(MEMORY_LIMIT_ENV)
     if configured:
         return _configured_limit(configured)
-    amounts = [a for a in (_physical_memory(), _cgroup_limit()) if a]
+    amounts = [a for a in (physical_memory_bytes(), _cgroup_limit()) if a]
     return min(amounts) if amounts else None
 
 
@@ -274,7 +274,8 @@ def _configured_limit(text: str) -> int:
     return limit
 
 
-def _physical_memory() -> int | None:
+def physical_memory_bytes() -> int | None:
+    """The machine's RAM (what a benchmark says it ran on); None where it cannot tell."""
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, ValueError, OSError):  # Windows, or a platform without them

@@ -9,7 +9,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -85,3 +87,45 @@ def error_line(result: subprocess.CompletedProcess) -> str:
     assert lines and lines[-1].startswith("error: "), result.stderr
     assert "Traceback" not in result.stderr
     return lines[-1]
+
+
+# -- the MLX conversion and the tiny image pipeline, shared by the mlx, imagine and bench
+# tests (session fixtures: made once per run) ------------------------------------------
+
+MLX_Q4 = "smollm2:135m-mlx-q4"
+
+
+@dataclass(frozen=True)
+class Converted:
+    home: Path  # the session's store, holding smollm2:135m and its MLX conversion
+    result: subprocess.CompletedProcess
+    seconds: float
+
+
+@pytest.fixture(scope="session")
+def converted(tmp_path_factory: pytest.TempPathFactory) -> Converted:
+    home = tmp_path_factory.mktemp("mlx-session") / "home"
+    started = time.perf_counter()
+    result = subprocess.run(
+        [llmctl_executable(), "convert", "smollm2", "--to", "mlx", "-q"],
+        capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL,
+        env={**os.environ, "LLMCTL_HOME": str(home)})
+    seconds = time.perf_counter() - started
+    assert result.returncode == 0, result.stderr
+    return Converted(home, result, seconds)
+
+
+@pytest.fixture
+def stored_mlx(converted: Converted, llmctl_home: Path) -> str:
+    """The test's own store: the session's, copied as hard links (blobs) and symbolic
+    links (model folders) as they are."""
+    shutil.copytree(converted.home, llmctl_home, symlinks=True, copy_function=os.link,
+                    ignore=shutil.ignore_patterns("*.lock", "locks"))
+    return MLX_Q4
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tiny_sd import build_tiny_sd
+
+    return build_tiny_sd(tmp_path_factory.mktemp("sd") / "tiny-sd")

@@ -21,13 +21,6 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="session")
-def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tiny_sd import build_tiny_sd
-
-    return build_tiny_sd(tmp_path_factory.mktemp("sd") / "tiny-sd")
-
-
-@pytest.fixture(scope="session")
 def bigger_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """UNet channels (32, 64): a step at 128x128 takes long enough to be interrupted."""
     from tiny_sd import build_tiny_sd

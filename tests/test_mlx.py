@@ -16,11 +16,10 @@ import shutil
 import signal
 import subprocess
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import PARIS, Runner, error_line, llmctl_executable
+from conftest import MLX_Q4, PARIS, Converted, Runner, error_line, llmctl_executable
 
 from llmctl.errors import UsageError, VerificationFailed
 from llmctl.store import manifest as manifests
@@ -30,40 +29,10 @@ from llmctl.store.manifest import Manifest, ManifestFile
 from llmctl.store.model_files import model_folder
 from llmctl.store.removal import plan_removal, remove
 
-MLX_Q4 = "smollm2:135m-mlx-q4"
 # The `done` event of `run --json`, as the llama engine writes it (tests/test_run.py).
 DONE_KEYS = {"type", "model", "engine", "prompt_tokens", "generated_tokens", "prompt_seconds",
              "generate_seconds", "stop_reason", "load_seconds", "peak_memory_bytes",
-             "prompt_tokens_per_second", "generate_tokens_per_second"}
-
-
-@dataclass(frozen=True)
-class Converted:
-    home: Path  # the session's store, holding smollm2:135m and its MLX conversion
-    result: subprocess.CompletedProcess
-    seconds: float
-
-
-@pytest.fixture(scope="session")
-def converted(tmp_path_factory: pytest.TempPathFactory) -> Converted:
-    home = tmp_path_factory.mktemp("mlx-session") / "home"
-    started = time.perf_counter()
-    result = subprocess.run(
-        [llmctl_executable(), "convert", "smollm2", "--to", "mlx", "-q"],
-        capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL,
-        env={**os.environ, "LLMCTL_HOME": str(home)})
-    seconds = time.perf_counter() - started
-    assert result.returncode == 0, result.stderr
-    return Converted(home, result, seconds)
-
-
-@pytest.fixture
-def stored_mlx(converted: Converted, llmctl_home: Path) -> str:
-    """The test's own store: the session's, copied as hard links (blobs) and symbolic
-    links (model folders) as they are."""
-    shutil.copytree(converted.home, llmctl_home, symlinks=True, copy_function=os.link,
-                    ignore=shutil.ignore_patterns("*.lock", "locks"))
-    return MLX_Q4
+             "prompt_tokens_per_second", "generate_tokens_per_second", "cached_tokens"}
 
 
 def stored_folder(home: Path, reference: str) -> Path:

@@ -27,6 +27,7 @@ COMMANDS = {
     "chat": "Chat with a model, in the terminal or through a pipe.",
     "imagine": "Generate images from a text prompt and print the paths of the PNG files.",
     "convert": "Convert a model to another engine's format and store the result.",
+    "bench": "Measure models: tokens/s, time to first token, load time, seconds per image.",
     "import": "Register models already on disk (Ollama's store, the Hugging Face cache).",
     "catalog": "Manage the catalog: add your own models, list, export and import entries.",
 }

@@ -211,6 +211,18 @@ class Output:
         else:
             self.info(f"note: {note.text}")
 
+    def measured(self, line: str, finished: bool) -> None:
+        """A benchmark's running figure (`bench`): one line rewritten in place on a
+        terminal, kept when `finished`; elsewhere only the finished line. Nothing when
+        quiet."""
+        if self.quiet:
+            return
+        if self.fancy_stderr:
+            self.stderr.write("\r\x1b[2K" + line + ("\n" if finished else ""))
+            self.stderr.flush()
+        elif finished:
+            self._diagnostic(line)
+
     def item(self, record: Any, name: str) -> None:
         """One thing made or stored, as it is made: its JSON line (--json), else its
         name on a line of its own (what scripts read)."""

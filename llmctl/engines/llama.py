@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import ctypes
 import os
+import sys
 import time
 from collections.abc import Generator
 from functools import lru_cache
@@ -66,6 +67,14 @@ def _library() -> Any:
     lib.llama_log_set(on_log, ctypes.c_void_p(0))
     lib.llama_backend_init()
     return lib
+
+
+def _backend(lib: Any) -> str:
+    """Where this build of llama.cpp computes: the model's layers go to the GPU wherever
+    the build can offload them (llama.cpp's default), else everything runs on the CPU."""
+    if not lib.llama_supports_gpu_offload():
+        return "CPU"
+    return "Metal" if sys.platform == "darwin" else "GPU"
 
 
 def _llama_said() -> str:
@@ -125,6 +134,8 @@ class LlamaEngine(TokenEngine):
         self.n_ctx = min(n_ctx, lib.llama_n_ctx(self.ctx))
         self.n_batch = ctx_params.n_batch
         self.threads = threads
+        self.parameters = lib.llama_model_n_params(self.model)
+        self.backend = _backend(lib)
         template = lib.llama_model_chat_template(self.model, None)
         self.template = template.decode("utf-8") if template else None
         self.bos_text = self._special_text(lib.llama_vocab_bos(self.vocab))
@@ -232,10 +243,21 @@ class LlamaEngine(TokenEngine):
     def _is_end(self, token: int) -> bool:
         return self.lib.llama_vocab_is_eog(self.vocab, token)
 
+    def _trim_cache(self, keep: int) -> int:
+        memory = self.lib.llama_get_memory(self.ctx)
+        # seq_rm refuses a partial removal where the model's memory cannot (recurrent
+        # models): then the cache starts again from nothing.
+        if keep and self.lib.llama_memory_seq_rm(memory, 0, keep, -1):
+            return keep
+        self.lib.llama_memory_clear(memory, True)
+        return 0
+
+    def _cache_length(self) -> int:
+        return self.lib.llama_memory_seq_pos_max(self.lib.llama_get_memory(self.ctx), 0) + 1
+
     def _steps(self, tokens: list[int], options: GenerationOptions, budget: int
                ) -> Generator[int, None, None]:
         self._recheck_threads()
-        self.lib.llama_memory_clear(self.lib.llama_get_memory(self.ctx), True)
         return self._sample_and_decode(tokens, options)
 
     def _sample_and_decode(self, tokens: list[int], options: GenerationOptions

@@ -43,15 +43,17 @@ def _library() -> Any:
         import mlx.core as mx
         import mlx_lm  # noqa: F401  (the package first: its submodules import each other)
         from mlx_lm.generate import generate_step
+        from mlx_lm.models import cache
         from mlx_lm.sample_utils import make_sampler
-        from mlx_lm.utils import load
+        from mlx_lm.utils import get_total_parameters, load
     except ImportError as exc:
         raise EngineUnavailable(
             "mlx", f"mlx or mlx-lm cannot be imported ({exc})",
             "pip install 'llmctl[mlx]' (on Linux it brings mlx[cpu])") from None
 
     return SimpleNamespace(mx=mx, load=load, generate_step=generate_step,
-                           make_sampler=make_sampler)
+                           make_sampler=make_sampler, cache=cache,
+                           total_parameters=get_total_parameters)
 
 
 class MlxEngine(TokenEngine):
@@ -69,6 +71,8 @@ class MlxEngine(TokenEngine):
             # mlx-lm's words for an architecture it lacks or a folder that is not a model.
             raise EngineFailure(f"mlx-lm could not load {path}: {exc}") from None
         self.on_cpu = mx.default_device().type == mx.DeviceType.cpu
+        self.backend = "CPU" if self.on_cpu else "Metal"
+        self.parameters = lib.total_parameters(self.model)
         if self.on_cpu:
             self._upcast_half_precision()
         self._wired_limit = self._wire_weights()
@@ -79,6 +83,7 @@ class MlxEngine(TokenEngine):
         self.n_ctx = default_context(options.context_length, trained)
         self.vocabulary = hf.vocabulary(config)
         self.eos_ids = set(self.tokenizer.eos_token_ids)
+        self._prompt_cache: list[Any] | None = None  # made by the first reply
         self._warm_up()
         self.load_seconds = time.perf_counter() - started
 
@@ -132,6 +137,18 @@ class MlxEngine(TokenEngine):
 
     # -- generation ------------------------------------------------------------------------
 
+    def _trim_cache(self, keep: int) -> int:
+        cache = self.lib.cache
+        held = self._prompt_cache
+        if keep and held is not None and cache.can_trim_prompt_cache(held):
+            cache.trim_prompt_cache(held, self._cache_length() - keep)
+            return keep
+        self._prompt_cache = cache.make_prompt_cache(self.model)
+        return 0
+
+    def _cache_length(self) -> int:
+        return self._prompt_cache[0].offset if self._prompt_cache else 0
+
     def _steps(self, tokens: list[int], options: GenerationOptions, budget: int
                ) -> Generator[int, None, None]:
         lib = self.lib
@@ -145,7 +162,7 @@ class MlxEngine(TokenEngine):
                                    min_p=options.min_p, top_k=top_k)
         # max_tokens=budget: the generator then queues no step past the last token wanted.
         return _token_ids(lib.generate_step(mx.array(tokens), self.model, max_tokens=budget,
-                                            sampler=sampler))
+                                            sampler=sampler, prompt_cache=self._prompt_cache))
 
     def _detokenizer(self) -> StreamingDetokenizer:
         return StreamingDetokenizer(self.tokenizer.detokenizer)
@@ -165,6 +182,7 @@ class MlxEngine(TokenEngine):
         if self._wired_limit is not None:
             mx.set_wired_limit(self._wired_limit)
         self.model = None
+        self._prompt_cache = None
         mx.clear_cache()
 
 

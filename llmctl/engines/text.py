@@ -6,9 +6,14 @@
 An engine built on `TokenEngine` writes only what is its own: opening the model, turning
 messages into prompt tokens (its chat template), and the token stream (`_steps`: prefill,
 sampling, decoding, in whatever way keeps its library fastest), the text of each token
-(`_detokenizer`) and its end-of-generation test. `TokenEngine.generate_from_tokens` does the
-rest once for all engines: the options and context checks, the token budget, the seed, the
-leading-space strip, one `Token` per token, the timing and the `Done` statistics.
+(`_detokenizer`), its end-of-generation test and its KV cache (`_trim_cache`,
+`_cache_length`). `TokenEngine.generate_from_tokens` does the rest once for all engines:
+the options and context checks, the token budget, the seed, the leading-space strip, one
+`Token` per token, what the cache holds, the timing and the `Done` statistics.
+
+With `keep_cache=True` a reply starts from the longest prefix of its tokens that the cache
+still holds from the reply before, and processes only the rest (`bench -d` measures a test
+after a context filled that way; `Stats.cached_tokens` says how many were reused).
 
 Import-light (no numpy, no engine library): `run --help` and the option checks use it.
 """
@@ -155,10 +160,15 @@ class Stats:
     stop_reason: StopReason
     load_seconds: float = 0.0
     peak_memory_bytes: int = 0
+    cached_tokens: int = 0  # leading prompt tokens taken from the cache, not processed
+
+    @property
+    def processed_tokens(self) -> int:
+        return self.prompt_tokens - self.cached_tokens
 
     @property
     def prompt_tokens_per_second(self) -> float:
-        return self.prompt_tokens / self.prompt_seconds if self.prompt_seconds else 0.0
+        return self.processed_tokens / self.prompt_seconds if self.prompt_seconds else 0.0
 
     @property
     def generate_tokens_per_second(self) -> float:
@@ -202,6 +212,16 @@ class TextEngine(Protocol):
     @property
     def load_seconds(self) -> float: ...
 
+    @property
+    def backend(self) -> str:
+        """Where it computes, as benchmark tables say it: "CPU", "Metal", "CUDA"."""
+        ...
+
+    @property
+    def parameters(self) -> int | None:
+        """The model's parameter count, where the engine can tell."""
+        ...
+
     def prompt_tokens(self, messages: list[Message]) -> list[int]:
         """The conversation formatted with the model's own chat template, as token ids."""
         ...
@@ -214,9 +234,11 @@ class TextEngine(Protocol):
         """Stream the reply to `messages`, formatted with the model's own chat template."""
         ...
 
-    def generate_from_tokens(self, tokens: list[int], options: GenerationOptions
-                             ) -> Iterator[Event]:
-        """Stream the continuation of `tokens` as they are (benchmarks time this)."""
+    def generate_from_tokens(self, tokens: list[int], options: GenerationOptions, *,
+                             keep_cache: bool = False) -> Iterator[Event]:
+        """Stream the continuation of `tokens` as they are (benchmarks time this). With
+        `keep_cache`, the prefix the cache holds from the reply before is not processed
+        again."""
         ...
 
     def close(self) -> None: ...
@@ -256,6 +278,10 @@ class TokenEngine(ABC):
     name: str
     load_seconds: float = 0.0
     threads: int | None = None
+    backend: str = "CPU"
+    parameters: int | None = None
+    # The tokens the engine's KV cache holds, in order, as the last reply left it.
+    _cached: tuple[int, ...] = ()
 
     @property
     @abstractmethod
@@ -267,10 +293,11 @@ class TokenEngine(ABC):
     @abstractmethod
     def _steps(self, tokens: list[int], options: GenerationOptions, budget: int
                ) -> Generator[int, None, None]:
-        """The token stream of one reply: prefill `tokens`, then sample and decode.
+        """The token stream of one reply: prefill `tokens` after what the cache holds
+        (`_trim_cache` has cut it to the prefix kept), then sample and decode.
 
-        Called before the clock starts, so what runs before it returns is set-up (clearing
-        the cache, seeding). The first `next()` processes the prompt and yields the first
+        Called before the clock starts, so what runs before it returns is set-up
+        (seeding). The first `next()` processes the prompt and yields the first
         sampled token; each later one decodes the token before it and yields the next.
         The loop asks for at most `budget` tokens and stops asking at the end-of-generation
         token, so nothing is decoded that the reply does not use; then it closes the
@@ -285,6 +312,16 @@ class TokenEngine(ABC):
     def _is_end(self, token: int) -> bool:
         """Whether `token` ends the reply (end of turn, end of text)."""
 
+    def _trim_cache(self, keep: int) -> int:
+        """Keep the first `keep` tokens of the KV cache and drop the rest (all of it for
+        0); returns how many are kept, 0 where the engine could only clear it. Engines
+        without a cache to keep take this default."""
+        return 0
+
+    def _cache_length(self) -> int:
+        """How many tokens the KV cache holds now."""
+        return 0
+
     def _peak_memory(self) -> int:
         """The peak memory reported in the reply's statistics."""
         return host.peak_memory_bytes()
@@ -298,8 +335,8 @@ class TokenEngine(ABC):
     def generate(self, messages: list[Message], options: GenerationOptions) -> Iterator[Event]:
         yield from self.generate_from_tokens(self.prompt_tokens(messages), options)
 
-    def generate_from_tokens(self, tokens: list[int], options: GenerationOptions
-                             ) -> Iterator[Event]:
+    def generate_from_tokens(self, tokens: list[int], options: GenerationOptions, *,
+                             keep_cache: bool = False) -> Iterator[Event]:
         """The one generation loop. Per token it adds only a clock read, the end test and
         the detokenizer's call to the engine's own step (llama.cpp's runs at llama-bench's
         speed through it: README, performance table)."""
@@ -319,14 +356,19 @@ class TokenEngine(ABC):
             # A seed of our own, from the range a user could pass, never an engine's
             # "random" value: every reply ran with a seed that reproduces it.
             options = replace(options, seed=secrets.randbelow(MAX_SEED + 1))
+        # The last prompt token is always processed: its logits give the first token.
+        keep = _common_prefix(self._cached, tokens, len(tokens) - 1) if keep_cache else 0
+        kept = self._trim_cache(keep)
+        self._cached = ()  # unknown until the stream has ended
         detokenizer = self._detokenizer()
         add, is_end = detokenizer.add, self._is_end
         stop_on_end = not options.ignore_eos
         clock = time.perf_counter
         generated = 0
+        sampled: list[int] = []
         stop_reason: StopReason = "length"
         leading = True
-        steps = self._steps(tokens, options, budget)
+        steps = self._steps(tokens[kept:], options, budget)
         started = clock()
         first_token_at = last_token_at = started
         try:
@@ -334,6 +376,7 @@ class TokenEngine(ABC):
                 now = clock()
                 if generated == 0:
                     first_token_at = now
+                sampled.append(token)
                 if stop_on_end and is_end(token):
                     stop_reason = "stop"  # the end-of-generation token is not in the reply
                     break
@@ -350,6 +393,8 @@ class TokenEngine(ABC):
                     break
         finally:
             steps.close()
+            # The cache holds the prompt and the sampled tokens the engine has decoded.
+            self._cached = (*tokens, *sampled)[:self._cache_length()]
         if tail := detokenizer.flush():
             yield Token(tail.lstrip() if leading else tail)
         yield Done(Stats(
@@ -361,4 +406,15 @@ class TokenEngine(ABC):
             stop_reason=stop_reason,
             load_seconds=self.load_seconds,
             peak_memory_bytes=self._peak_memory(),
+            cached_tokens=kept,
         ))
+
+
+def _common_prefix(held: tuple[int, ...], tokens: list[int], most: int) -> int:
+    """How many leading tokens `held` and `tokens` share, at most `most`."""
+    n = 0
+    for a, b in zip(held, tokens[:most], strict=False):
+        if a != b:
+            break
+        n += 1
+    return n

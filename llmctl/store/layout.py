@@ -114,6 +114,11 @@ class StoreLayout:
         return self.root / "verified"
 
     @property
+    def bench_history(self) -> Path:
+        """The SQLite database of `llmctl bench` runs."""
+        return self.root / "bench" / "history.db"
+
+    @property
     def tmp(self) -> Path:
         return self.root / "tmp"
 

@@ -74,3 +74,24 @@ def resolve_stored(
     in_catalog = catalog is not None and catalog.find(ref.name, ref.tag) is not None
     raise ModelNotFound(text, [] if in_catalog else suggestions(text, layout, catalog),
                         in_catalog=in_catalog)
+
+
+def relatives(layout: StoreLayout, model: Manifest) -> list[Manifest]:
+    """The stored models of the same base model in other formats: those `llmctl convert`
+    made from `model`, the one it was made from, and so on both ways (what `bench
+    --engine` compares). `model` itself is not in the list."""
+    stored = list(manifests.iter_manifests(layout))
+    family = {model.digest}
+    grew = True
+    while grew:
+        grew = False
+        for other in stored:
+            parent = other.source.get("from_digest") if other.source.get("type") == "convert" \
+                else None
+            if other.digest in family and parent and parent not in family:
+                family.add(parent)
+                grew = True
+            elif parent in family and other.digest not in family:
+                family.add(other.digest)
+                grew = True
+    return [m for m in stored if m.digest in family and m.digest != model.digest]
