@@ -138,11 +138,15 @@ def test_pg_and_thread_lists_run_every_combination(llmctl: Runner) -> None:
         check_statistics(row, 2)
 
 
-def test_jsonl_is_one_row_per_line(llmctl: Runner) -> None:
-    result = llmctl("bench", "smollm2", *SMALL, "--no-save", "-o", "jsonl")
+def test_several_models_in_one_run_as_json_lines(llmctl: Runner, smollm2_gguf: Path) -> None:
+    result = llmctl("bench", "smollm2", str(smollm2_gguf), *SMALL, "--no-save", "-o", "jsonl")
     assert result.returncode == 0, result.stderr
     rows = [json.loads(line) for line in result.stdout.splitlines()]
-    assert [r["test"] for r in rows] == ["pp32", "ttft32", "tg4"]
+    assert [r["test"] for r in rows] == ["pp32", "ttft32", "tg4"] * 2
+    assert rows[0]["model"] == "smollm2:135m" and rows[0]["model_digest"]
+    # The same file run from its path: no digest, its size read from the file.
+    assert rows[3]["model_digest"] == ""
+    assert rows[3]["model_size"] == smollm2_gguf.stat().st_size == rows[0]["model_size"]
 
 
 def test_prompt_set_runs_the_shipped_prompts_through_the_template(llmctl: Runner) -> None:
