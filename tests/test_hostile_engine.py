@@ -214,7 +214,9 @@ def test_mlx_turns_a_top_k_past_the_vocabulary_off() -> None:
                               array=lambda tokens: tokens, get_peak_memory=lambda: 0)
     engine = mlx.MlxEngine.__new__(mlx.MlxEngine)
     engine.lib = SimpleNamespace(mx=fake_mx, make_sampler=make_sampler,
-                                 generate_step=lambda *a, **k: (s for s in ()))
+                                 generate_step=lambda *a, **k: (s for s in ()),
+                                 cache=SimpleNamespace(make_prompt_cache=lambda model: []))
+    engine._prompt_cache = None
     engine.n_ctx, engine.vocabulary, engine.eos_ids, engine.load_seconds = 100, 50, {0}, 0.0
     engine.model = None
     engine.tokenizer = SimpleNamespace(detokenizer=SimpleNamespace(
