@@ -4,4 +4,5 @@
 set -eu
 cd "$(dirname "$0")/.."
 sh scripts/setup.sh llama,demo,dev,mlx,convert,diffusers,coreml
+sh scripts/debian-packages.sh
 exec .venv/bin/python -m pytest "$@"

@@ -24,9 +24,12 @@ FLOORS: list[tuple[str, ...]] = [
 ]
 # A command module parses, calls one library function and renders: this many lines at
 # most. app.py (the dispatcher), output.py (the one output module), errors.py (the one
-# error table), options.py (shared option types) are not command modules.
+# error table), options.py (shared option types), complete.py (tab completion's fast
+# path, which must not import the app) and shell_files.py (what is generated from the app:
+# completion table, scripts, man pages) are not command modules.
 COMMAND_LINES = 200
-NOT_COMMANDS = {"app.py", "output.py", "errors.py", "options.py", "__init__.py"}
+NOT_COMMANDS = {"app.py", "output.py", "errors.py", "options.py", "__init__.py",
+                "complete.py", "shell_files.py"}
 
 
 def module_name(path: Path) -> str:

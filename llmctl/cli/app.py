@@ -30,6 +30,7 @@ COMMANDS = {
     "bench": "Measure models: tokens/s, time to first token, load time, seconds per image.",
     "import": "Register models already on disk (Ollama's store, the Hugging Face cache).",
     "catalog": "Manage the catalog: add your own models, list, export and import entries.",
+    "completion": "Print the tab-completion script for bash, zsh or fish.",
 }
 # A command whose name is a Python keyword lives in a module (and function) named with a
 # trailing underscore.
@@ -92,6 +93,7 @@ def _build(name: str) -> Command:
 app = typer.Typer(
     name="llmctl",
     cls=LazyCommands,
+    add_completion=False,  # llmctl's own, which completes name:tag (cli/completion.py)
     help="Run AI models on your own machine.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -108,11 +110,38 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+def _install_completion(value: bool) -> None:
+    if value:
+        from pathlib import Path
+
+        from llmctl.cli import completion
+
+        shell = completion.detected_shell()
+        path = completion.install(shell, Path.home())
+        print(f"installed {shell} completion in {path}; it works in new shells",
+              file=sys.stderr)
+        raise typer.Exit()
+
+
+def _show_completion(value: bool) -> None:
+    if value:
+        from llmctl.cli import completion
+
+        sys.stdout.write(completion.script(completion.detected_shell()))
+        raise typer.Exit()
+
+
 @app.callback()
 def _options(
     version: Annotated[bool, typer.Option(
         "--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
+    install_completion: Annotated[bool, typer.Option(
+        "--install-completion", callback=_install_completion, is_eager=True,
+        help="Install tab completion for the current shell ($SHELL).")] = False,
+    show_completion: Annotated[bool, typer.Option(
+        "--show-completion", callback=_show_completion, is_eager=True,
+        help="Print the current shell's completion script.")] = False,
 ) -> None:
     """Run AI models on your own machine: pull, ls, rm, show, run, import, catalog."""
 

@@ -16,14 +16,13 @@ from urllib.parse import urlsplit, urlunsplit
 
 from llmctl.errors import InvalidName, StoreWarning, UsageError
 from llmctl.formats import ENGINES, FORMATS, KINDS
+from llmctl.store.catalog_files import SHIPPED, USER_FILE, catalog_files
 from llmctl.store.credentials import public_url
 from llmctl.store.layout import relative_name
 
 if TYPE_CHECKING:
     from llmctl.store.layout import StoreLayout
 
-SHIPPED = Path(__file__).resolve().parent.parent / "data" / "catalog"
-USER_FILE = "user.json"
 
 
 @dataclass(frozen=True)
@@ -320,15 +319,7 @@ class Catalog:
 
     @classmethod
     def default(cls, home: Path | None = None) -> Catalog:
-        files = sorted(SHIPPED.glob("*.toml"))
-        folder = home / "catalog" if home is not None else None
-        if folder is not None and folder.is_dir():
-            # The user's entries come last so that they win over shipped ones; the entries
-            # `llmctl catalog add` wrote come after hand-written ones.
-            files += sorted(folder.glob("*.toml"))
-            if (folder / USER_FILE).is_file():
-                files.append(folder / USER_FILE)
-        return cls(files)
+        return cls(catalog_files(home))
 
     @cached_property
     def _loaded(self) -> tuple[list[CatalogEntry], dict[str, Path]]:
