@@ -14,11 +14,19 @@ import json
 import secrets
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from llmctl.engines.text import Done, Event, GenerationOptions, Message, TextEngine, Token
+from llmctl.engines.text import (
+    Done,
+    Event,
+    GenerationOptions,
+    Message,
+    Stats,
+    TextEngine,
+    Token,
+)
 from llmctl.errors import AmbiguousReference, InvalidName, StoreWarning, UsageError
 from llmctl.store.layout import path_part, write_atomically
 
@@ -230,6 +238,7 @@ class ChatSession:
         self.options = options
         self.store = store
         self.skipped = 0  # leading turns left out of the context
+        self.last_stats: Stats | None = None  # the last reply's, for /stats
 
     def clear(self) -> None:
         """Start a new conversation, with the same model and system prompt."""
@@ -279,6 +288,7 @@ class ChatSession:
                     parts.append(event.text)
                 elif isinstance(event, Done):
                     self._keep(user, parts)
+                    self.last_stats = event.stats
                     kept = True
                 yield event
         except (GeneratorExit, KeyboardInterrupt):
@@ -295,6 +305,10 @@ class ChatSession:
 # -- slash commands -----------------------------------------------------------------------
 
 HELP = """Commands:
+  /set NAME VALUE   change an option for the next replies: temperature, top-p, top-k,
+                    min-p, seed, max-tokens (seed and max-tokens: off to unset), stop
+                    (TEXT, or off); /set alone shows them
+  /stats            the last reply's figures
   /system [TEXT]    set the system prompt (without TEXT: show it)
   /clear            start a new conversation (this one stays saved)
   /save [FILE]      save the conversation (to FILE as JSON, else under the store)
@@ -311,6 +325,46 @@ class CommandResult:
     error: bool = False
     stop: bool = False  # end the session
     show_history: bool = False  # a conversation was loaded: show it
+    stats: Stats | None = None  # /stats: the figures to show
+
+
+# What /set changes: the name users type -> (GenerationOptions field, parser).
+SETTABLE: dict[str, tuple[str, Callable[[str], Any]]] = {
+    "temperature": ("temperature", float), "top-p": ("top_p", float),
+    "top-k": ("top_k", int), "min-p": ("min_p", float),
+    "seed": ("seed", lambda v: None if v == "off" else int(v)),
+    "max-tokens": ("max_tokens", lambda v: None if v == "off" else int(v)),
+    "stop": ("stop", lambda v: () if v == "off" else (v,)),
+}
+
+
+def _shown(value: Any) -> str:
+    if value is None or value == ():
+        return "off"
+    return " | ".join(map(repr, value)) if isinstance(value, tuple) else str(value)
+
+
+def set_option(session: ChatSession, arg: str) -> CommandResult:
+    """/set NAME VALUE: the options of the next replies, checked as the command line's
+    are; /set alone: what they are."""
+    options = session.options
+    if not arg:
+        shown = {name: getattr(options, field) for name, (field, _) in SETTABLE.items()}
+        return CommandResult("Options: " + ", ".join(
+            f"{name} {_shown(value)}" for name, value in shown.items()))
+    name, _, value = arg.partition(" ")
+    if name not in SETTABLE or not value.strip():
+        return CommandResult(f"/set takes one of: {', '.join(SETTABLE)}, and a value",
+                             error=True)
+    field, parse = SETTABLE[name]
+    try:
+        changed = replace(options, **{field: parse(value.strip())}).validate()
+    except ValueError:
+        return CommandResult(f"'{value.strip()}' is not a value for {name}", error=True)
+    except UsageError as exc:
+        return CommandResult(f"{exc}; {exc.hint}" if exc.hint else str(exc), error=True)
+    session.options = changed
+    return CommandResult(f"Set {name} to {value.strip()}.")
 
 
 def run_command(session: ChatSession, text: str) -> CommandResult:
@@ -322,6 +376,12 @@ def run_command(session: ChatSession, text: str) -> CommandResult:
         return CommandResult("", stop=True)
     if name in ("/help", "/?"):
         return CommandResult(HELP)
+    if name == "/set":
+        return set_option(session, arg)
+    if name == "/stats":
+        if session.last_stats is None:
+            return CommandResult("No reply yet.")
+        return CommandResult("", stats=session.last_stats)
     if name == "/system":
         if not arg:
             return CommandResult(f"System prompt: {conversation.system or '(none)'}")

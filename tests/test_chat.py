@@ -318,3 +318,26 @@ def test_chat_help_and_list_import_nothing_heavy(args: tuple[str, ...]) -> None:
 
     modules = imported_modules(*args)
     assert not modules & (HEAVY | {"prompt_toolkit"}), modules & (HEAVY | {"prompt_toolkit"})
+
+
+def test_set_changes_the_next_replies_options_and_stats_shows_the_last(tmp_path: Path
+                                                                       ) -> None:
+    session = ChatSession(WordEngine(), Conversation("m:1"), GenerationOptions(),
+                          ConversationStore(tmp_path))
+    assert run_command(session, "/stats").message == "No reply yet."
+    assert run_command(session, "/set temperature 0.2").message == "Set temperature to 0.2."
+    assert session.options.temperature == 0.2
+    run_command(session, "/set seed 7")
+    run_command(session, "/set stop END")
+    assert (session.options.seed, session.options.stop) == (7, ("END",))
+    shown = run_command(session, "/set").message
+    assert "temperature 0.2" in shown and "seed 7" in shown and "stop 'END'" in shown
+    run_command(session, "/set seed off")
+    assert session.options.seed is None
+    for bad in ("/set temperature hot", "/set top-p 2", "/set colour blue", "/set top-k"):
+        result = run_command(session, bad)
+        assert result.error, bad
+    assert session.options.top_p == 0.95  # a refused value changes nothing
+    list(session.ask("hello"))
+    stats = run_command(session, "/stats").stats
+    assert stats is not None and stats.generated_tokens > 0

@@ -118,3 +118,68 @@ def test_ctrl_c_exits_130_and_leaves_no_traceback(llmctl: Runner) -> None:
     assert process.returncode == 130
     assert "Traceback" not in err
     assert (first + out).endswith("\n")  # the shell prompt starts on a clean line
+
+
+def json_reply(result: subprocess.CompletedProcess) -> tuple[str, dict]:
+    assert result.returncode == 0, result.stderr
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    return "".join(e["text"] for e in events if e["type"] == "token"), events[-1]
+
+
+def test_stop_sequence_spanning_tokens_ends_the_reply_unprinted(llmctl: Runner) -> None:
+    full, _ = json_reply(llmctl("run", "smollm2", "--temperature", "0", "--json", PARIS))
+    assert full == "The capital of France is Paris."
+    # "l of Fr" spans the tokens of "capital", " of" and " France".
+    text, done = json_reply(llmctl("run", "smollm2", "--temperature", "0", "--json",
+                                   "--stop", "l of Fr", "--stop", "never", PARIS))
+    assert text == "The capita"
+    assert done["stop_reason"] == "stop_sequence"
+    plain = llmctl("run", "smollm2", "--temperature", "0", "--stop", "Paris", PARIS)
+    assert plain.stdout == "The capital of France is \n"
+    refused = llmctl("run", "smollm2", "--stop", "", PARIS)
+    assert refused.returncode == 2 and "--stop" in error_line(refused)
+
+
+def test_prompt_and_system_prompt_from_files(llmctl: Runner, tmp_path: Path) -> None:
+    (tmp_path / "question.txt").write_text(PARIS + "\n")
+    (tmp_path / "pirate.txt").write_text("You are a pirate called Captain Flint.\n")
+    answer = llmctl("run", "smollm2", "--temperature", "0", "-f", str(tmp_path / "question.txt"))
+    assert answer.returncode == 0, answer.stderr
+    assert answer.stdout == "The capital of France is Paris.\n"
+    pirate = llmctl("run", "smollm2", "--temperature", "0", "--max-tokens", "20",
+                    "--system-file", str(tmp_path / "pirate.txt"), "What is your name?")
+    assert pirate.returncode == 0 and "Flint" in pirate.stdout
+    missing = llmctl("run", "smollm2", "-f", str(tmp_path / "nope.txt"))
+    assert missing.returncode == 2 and "nope.txt" in error_line(missing)
+    both = llmctl("run", "smollm2", "--system", "x", "--system-file",
+                  str(tmp_path / "pirate.txt"), "hi")
+    assert both.returncode == 2 and "--system-file" in error_line(both)
+
+
+def test_stdin_then_files_then_the_argument(llmctl: Runner, tmp_path: Path) -> None:
+    # The model repeats the three parts back in the order it was given them.
+    (tmp_path / "b.txt").write_text("banana")
+    text, _ = json_reply(llmctl(
+        "run", "smollm2", "--temperature", "0", "--json", "--max-tokens", "30", "--raw",
+        "-f", str(tmp_path / "b.txt"), "cherry\nThe three words above, in order, are:",
+        input="apple\n"))
+    words = [w for w in ("apple", "banana", "cherry") if w in text]
+    assert words == sorted(words, key=text.index) and len(words) >= 2, text
+
+
+def test_raw_sends_the_prompt_without_the_template(llmctl: Runner) -> None:
+    _, templated = json_reply(llmctl("run", "smollm2", "--temperature", "0", "--json",
+                                     "--max-tokens", "4", "The capital of France is"))
+    text, raw = json_reply(llmctl("run", "smollm2", "--temperature", "0", "--json",
+                                  "--max-tokens", "4", "--raw", "The capital of France is"))
+    assert raw["prompt_tokens"] < 10 < templated["prompt_tokens"]
+    assert "Paris" in text  # a continuation, not an answer
+    refused = llmctl("run", "smollm2", "--raw", "--system", "x", "hi")
+    assert refused.returncode == 2 and "--raw" in error_line(refused)
+
+
+def test_verbose_gives_the_time_to_first_token(llmctl: Runner) -> None:
+    result = llmctl("run", "smollm2", "--temperature", "0", "--verbose", PARIS)
+    assert result.returncode == 0, result.stderr
+    line = next(line for line in result.stderr.splitlines() if "first token after" in line)
+    assert float(line.split(":")[1].strip().rstrip("s")) > 0

@@ -44,8 +44,11 @@ class ScriptedEngine(TokenEngine):
     def prompt_tokens(self, messages: list[Message]) -> list[int]:
         return [7] * sum(len(m.content.split()) for m in messages)
 
-    def _steps(self, tokens: list[int], options: GenerationOptions, budget: int
-               ) -> Generator[int, None, None]:
+    def text_tokens(self, text: str) -> list[int]:
+        return [7] * len(text.split())
+
+    def _steps(self, tokens: list[int], options: GenerationOptions, budget: int,
+               matcher: object = None) -> Generator[int, None, None]:
         self.options, self.budget = options, budget
         return self._stream()
 
@@ -131,3 +134,25 @@ def test_the_engines_are_built_on_the_loop() -> None:
 
     assert issubclass(LlamaEngine, TokenEngine) and issubclass(MlxEngine, TokenEngine)
     assert MlxEngine.threads is None  # MLX sizes its own CPU work
+
+
+def test_a_stop_sequence_spanning_tokens_ends_the_reply_unshown() -> None:
+    engine = ScriptedEngine([1, 2, 7, END])
+    texts, done = run(engine, stop=("o w",))
+    assert "".join(texts) == "Hell"  # "Hello" + " world": the stop starts in the first token
+    assert done.stats.stop_reason == "stop_sequence"
+    assert engine.asked == 2 and engine.closed  # nothing pulled past the stop
+    assert len(texts) == 2  # still one event per token
+
+
+def test_text_held_for_a_stop_that_never_comes_is_shown() -> None:
+    texts, done = run(ScriptedEngine([1, 2]), stop=("world!",), max_tokens=2)
+    assert texts == ["Hello", " ", "world"]  # "world" waited: it might have begun "world!"
+    assert done.stats.stop_reason == "length"
+    texts, done = run(ScriptedEngine([1, 2, 7, END]), stop=("?",))
+    assert "".join(texts) == "Hello world!" and done.stats.stop_reason == "stop"
+
+
+def test_an_empty_stop_sequence_is_refused() -> None:
+    with pytest.raises(UsageError, match="--stop"):
+        run(ScriptedEngine([2]), stop=("",))

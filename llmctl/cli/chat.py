@@ -14,6 +14,8 @@ from llmctl.cli.options import (
     JsonOpt,
     MaxTokensOpt,
     SeedOpt,
+    StopOpt,
+    SystemFileOpt,
     SystemOpt,
     TemperatureOpt,
     ThreadsOpt,
@@ -35,6 +37,8 @@ def chat(
         "(with --resume, the conversation's model by default).",
         autocompletion=complete_model, show_default=False)] = None,
     system: SystemOpt = None,
+    system_file: SystemFileOpt = None,
+    stop: StopOpt = None,
     resume: Annotated[str | None, typer.Option(
         metavar="ID", help="Continue a saved conversation (an ID or a unique prefix).",
         show_default=False)] = None,
@@ -68,6 +72,7 @@ def chat(
     \b
         llmctl chat smollm2
         llmctl chat smollm2 --system "Answer in French." --temperature 0
+        llmctl chat smollm2 --system-file persona.txt --stop "User:"
         printf 'Hi\\nBye\\n' | llmctl chat smollm2 --json | jq -r 'select(.type=="done").text'
         llmctl chat --list
         llmctl chat --resume 3f2a
@@ -75,7 +80,7 @@ def chat(
     from llmctl import loader
     from llmctl.chat import ChatSession, Conversation, ConversationStore
     from llmctl.cli.chat_session import interactive
-    from llmctl.cli.options import open_store
+    from llmctl.cli.options import open_store, system_prompt
     from llmctl.engines.text import GenerationOptions, LoadOptions
     from llmctl.errors import UsageError
     from llmctl.store.layout import StoreLayout
@@ -86,7 +91,8 @@ def chat(
     if list_:
         return _list(out, store, model)
     options = GenerationOptions(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-                                max_tokens=max_tokens).validate()
+                                max_tokens=max_tokens, stop=tuple(stop or ())).validate()
+    system = system_prompt(system, system_file)
     if sys.stdin is None:  # `llmctl chat MODEL <&-`: no terminal and no messages
         raise UsageError("stdin is closed, so there are no messages to answer",
                          hint="pipe them in (printf 'Hi\\n' | llmctl chat MODEL) or run chat "

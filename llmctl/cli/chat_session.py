@@ -64,6 +64,8 @@ def interactive(out: Output, session: ChatSession, verbose: bool, resumed: bool)
                     _show_history(out, session)
                 if done.message:
                     (out.error if done.error else out.info)(done.message)
+                if done.stats:
+                    out.stats(done.stats, session.engine.threads)
                 if done.stop:
                     break
             elif text:

@@ -8,6 +8,7 @@ import time).
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -86,6 +87,70 @@ VerboseOpt = Annotated[bool, typer.Option(
     "--verbose", "-v", help="Load time, tokens/s and peak memory on stderr.")]
 ForceOpt = Annotated[bool, typer.Option(
     "--force", help="Load the model even when it looks too big for this machine's memory.")]
+StopOpt = Annotated[list[str] | None, typer.Option(
+    "--stop", metavar="SEQ", help="End the reply before this text (not printed); repeat for "
+    "more.", show_default=False)]
+SystemFileOpt = Annotated[Path | None, typer.Option(
+    "--system-file", metavar="FILE", help="The system prompt, read from FILE.",
+    show_default=False, dir_okay=False)]
+FileOpt = Annotated[list[Path] | None, typer.Option(
+    "--file", "-f", metavar="FILE", help="Prompt text from FILE, after piped stdin and "
+    "before PROMPT; repeat for more.", show_default=False, dir_okay=False)]
+
+
+FormatOpt = Annotated[str | None, typer.Option(
+    "--format", metavar="json", help="The reply is JSON that parses, enforced while "
+    "sampling.", show_default=False)]
+JsonSchemaOpt = Annotated[str | None, typer.Option(
+    "--json-schema", metavar="FILE|JSON|-", help="The reply is JSON valid against this "
+    "schema (a file, the schema itself, or - for stdin), enforced while sampling.",
+    show_default=False)]
+
+
+def output_format(format: str | None, schema: str | None) -> tuple[object | None, bool]:
+    """(the OutputFormat asked for or None, whether the schema took stdin)."""
+    from llmctl.errors import UsageError
+
+    if format is not None and format != "json":
+        raise UsageError(f"unknown --format '{format}'", hint="--format json, or "
+                         "--json-schema for JSON of a given shape")
+    if format is not None and schema is not None:
+        raise UsageError("--format json and --json-schema both give the reply's format",
+                         hint="use --json-schema alone: its JSON is JSON too")
+    from llmctl.engines.constraint import OutputFormat, parse_schema
+
+    if schema is None:
+        return (OutputFormat().check() if format else None), False
+    if schema == "-":
+        text_stdin()
+        return parse_schema(sys.stdin.read(), "stdin"), True
+    if schema.lstrip().startswith(("{", "[")):  # the schema itself, not a file name
+        return parse_schema(schema, "--json-schema"), False
+    return parse_schema(read_text_file(Path(schema), "--json-schema"), schema), False
+
+
+def read_text_file(path: Path, option: str) -> str:
+    """A prompt file's text (UTF-8, other bytes as U+FFFD); UsageError naming it when it
+    cannot be read."""
+    from llmctl.errors import UsageError
+
+    try:
+        return path.read_bytes().decode("utf-8", errors="replace")
+    except OSError as exc:
+        raise UsageError(f"{option} {path}: {exc.strerror or exc}",
+                         hint="check the path") from None
+
+
+def system_prompt(system: str | None, system_file: Path | None) -> str | None:
+    """--system or --system-file (not both)."""
+    from llmctl.errors import UsageError
+
+    if system is not None and system_file is not None:
+        raise UsageError("--system and --system-file both give the system prompt",
+                         hint="use one of them")
+    if system_file is not None:
+        return read_text_file(system_file, "--system-file").strip()
+    return system
 
 
 def text_stdin() -> None:
@@ -97,19 +162,25 @@ def text_stdin() -> None:
         sys.stdin.reconfigure(encoding="utf-8", errors="replace")
 
 
-def read_prompt(words: list[str] | None) -> str:
-    """stdin first (when it is not a terminal), then the arguments, as Ollama does; a
-    UsageError when both are empty."""
+def read_prompt(words: list[str] | None, files: list[Path] | None = None,
+                stdin: bool = True) -> str:
+    """stdin first (when it is not a terminal, and not taken by --json-schema -), then
+    each --file, then the arguments, as Ollama puts stdin before the argument; a
+    UsageError when all are empty."""
     from llmctl.errors import UsageError
 
     parts = []
-    if sys.stdin is not None and not sys.stdin.isatty():
+    if stdin and sys.stdin is not None and not sys.stdin.isatty():
         text_stdin()
         piped = sys.stdin.read().strip()
         if piped:
             parts.append(piped)
+    for path in files or ():
+        if text := read_text_file(path, "--file").strip():
+            parts.append(text)
     if words:
         parts.append(" ".join(words))
     if not parts:
-        raise UsageError("no prompt given", hint="pass PROMPT or pipe text on stdin")
+        raise UsageError("no prompt given", hint="pass PROMPT, --file FILE or pipe text on "
+                         "stdin")
     return "\n\n".join(parts)

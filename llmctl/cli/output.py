@@ -197,6 +197,7 @@ class Output:
             f"load duration:     {stats.load_seconds:.2f}s\n"
             f"prompt eval count: {stats.prompt_tokens} token(s)\n"
             f"prompt eval rate:  {stats.prompt_tokens_per_second:.2f} tokens/s\n"
+            f"first token after: {stats.prompt_seconds:.2f}s\n"
             f"eval count:        {stats.generated_tokens} token(s)\n"
             f"eval rate:         {stats.generate_tokens_per_second:.2f} tokens/s\n"
             f"stop reason:       {stats.stop_reason}\n"

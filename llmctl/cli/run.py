@@ -9,11 +9,16 @@ import typer
 from llmctl.cli.options import (
     CtxOpt,
     EngineOpt,
+    FileOpt,
     ForceOpt,
+    FormatOpt,
     JsonOpt,
+    JsonSchemaOpt,
     MaxTokensOpt,
     ModelArg,
     SeedOpt,
+    StopOpt,
+    SystemFileOpt,
     SystemOpt,
     TemperatureOpt,
     ThreadsOpt,
@@ -30,6 +35,13 @@ def run(
         metavar="PROMPT", help="The prompt; piped stdin comes first, then this.",
         show_default=False)] = None,
     system: SystemOpt = None,
+    system_file: SystemFileOpt = None,
+    file: FileOpt = None,
+    raw: Annotated[bool, typer.Option(
+        "--raw", help="Send the prompt as it is, without the model's chat template.")] = False,
+    stop: StopOpt = None,
+    format: FormatOpt = None,
+    json_schema: JsonSchemaOpt = None,
     temperature: TemperatureOpt = 0.8,
     top_p: TopPOpt = 0.95,
     top_k: TopKOpt = 40,
@@ -44,11 +56,14 @@ def run(
 ) -> None:
     """Run a model on one prompt and stream the reply to stdout.
 
-    A catalog model that is not stored yet is pulled first. A model whose estimated memory
+    The prompt is piped stdin, then each --file, then PROMPT, joined by blank lines. A
+    catalog model that is not stored yet is pulled first. A model whose estimated memory
     (weights plus the cache for --ctx) is above 90% of what this machine lets llmctl use is
     refused (exit 5) unless --force. With --json, stdout gets JSON Lines:
     {"type": "token", "text": ...} per piece of text, then {"type": "done", ...} with token
-    counts, timings and tokens/s.
+    counts, timings and tokens/s (and "value", the parsed reply, with --format or
+    --json-schema). A constrained reply is printed once it is whole; one cut short by
+    --max-tokens is exit 1, with nothing on stdout.
 
     Examples:
 
@@ -56,34 +71,55 @@ def run(
         llmctl run smollm2 "What is the capital of France?"
         cat notes.txt | llmctl run smollm2 "Summarise this in three bullet points."
         llmctl run smollm2 --temperature 0 --json "Hi" | jq -r 'select(.type=="token").text'
+        llmctl run smollm2 -f report.md --system-file reviewer.txt "List the open risks."
+        llmctl run smollm2 --raw --stop "\n\n" "The three primary colours are"
+        llmctl run smollm2 --format json "List three colours as a JSON array." | jq .
+        llmctl run smollm2 --json-schema person.json "Invent a person."
     """
     from llmctl import loader
-    from llmctl.cli.options import open_store, read_prompt
+    from llmctl.cli.options import open_store, output_format, read_prompt, system_prompt
     from llmctl.engines.text import Done, GenerationOptions, LoadOptions, Message
+    from llmctl.errors import UsageError
     from llmctl.store.names import parse_reference
 
     out = Output(json_mode=json)
+    output, schema_took_stdin = output_format(format, json_schema)
     options = GenerationOptions(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-                                max_tokens=max_tokens).validate()
-    text = read_prompt(prompt)
+                                max_tokens=max_tokens, stop=tuple(stop or ()),
+                                output=output).validate()
+    system = system_prompt(system, system_file)
+    if raw and system is not None:
+        raise UsageError("--raw sends the prompt without the chat template, which is where "
+                         "a system prompt goes", hint="leave out --raw or the system prompt")
+    text = read_prompt(prompt, file, stdin=not schema_took_stdin)
     ref = parse_reference(model)
     with out.progress() as report:
         opened = loader.open_text(ref, *open_store(), engine=engine,
                                   options=LoadOptions(ctx, threads), force=force,
                                   on_event=report, on_note=out.note)
     messages = ([Message("system", system)] if system else []) + [Message("user", text)]
-    events = opened.engine.generate(messages, options)
+    events = (opened.engine.generate_from_tokens(opened.engine.text_tokens(text), options)
+              if raw else opened.engine.generate(messages, options))
+    parts: list[str] = []
     try:
         for event in events:
             if isinstance(event, Done):
                 stats = event.stats
             else:
-                out.token(event.text)
+                parts.append(event.text)
+                if output is None or json:
+                    out.token(event.text)
     except KeyboardInterrupt:
         events.close()
         out.reply_stopped()  # leave the shell prompt on a line of its own
         raise
-    out.reply_done({"model": opened.model.name, "engine": opened.spec.name,
-                    **stats.to_dict()})
+    record = {"model": opened.model.name, "engine": opened.spec.name, **stats.to_dict()}
+    if output is not None:  # whole and valid: the constraint saw to it
+        import json as json_module
+
+        record["value"] = json_module.loads("".join(parts))
+        if not json:
+            out.text("".join(parts))
+    out.reply_done(record)
     if verbose:
         out.stats(stats, threads=opened.engine.threads)

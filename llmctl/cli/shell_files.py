@@ -53,7 +53,7 @@ def _choices() -> dict[str, list[str]]:
         "--compute-unit": [*COMPUTE_UNITS], "--compute-units": [*COMPUTE_UNITS],
         "bench --output": [*FORMATS], "bench --prompt-set": [*prompt_set()],
         "bench --compare": ["last"], "catalog add --format": [*MODEL_FORMATS],
-        "completion SHELL": [*SHELLS],
+        "completion SHELL": [*SHELLS], "--format": ["json"],
     }
 
 
@@ -115,6 +115,8 @@ def _option_value(path: str, param: Any, choices: dict[str, list[str]]) -> dict[
             return {"kind": "choices", "choices": choices[key]}
     if long == "--resume":
         return {"kind": "conversation"}
+    if long == "--json-schema":  # a file, mostly (or the schema itself, or -)
+        return {"kind": "path"}
     if hasattr(param.type, "choices"):
         return {"kind": "choices", "choices": [str(c) for c in param.type.choices]}
     return {"kind": _type_kind(param) or "none"}

@@ -17,7 +17,7 @@ import time
 from collections.abc import Generator
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llmctl.engines import chat_template
 from llmctl.engines.text import (
@@ -30,6 +30,9 @@ from llmctl.engines.text import (
 )
 from llmctl.errors import EngineFailure, EngineUnavailable, UsageError
 from llmctl.host import CpuSample, default_threads, sample_cpu
+
+if TYPE_CHECKING:
+    from llmctl.engines.constraint import Matcher
 
 MAX_BATCH = 2048
 PIECE_BUFFER = 256
@@ -140,6 +143,7 @@ class LlamaEngine(TokenEngine):
         self.template = template.decode("utf-8") if template else None
         self.bos_text = self._special_text(lib.llama_vocab_bos(self.vocab))
         self.eos_text = self._special_text(lib.llama_vocab_eos(self.vocab))
+        self._lltokenizer: Any = None  # made at the first constrained reply
         self._warm_up()
         self.load_seconds = time.perf_counter() - started
         self._idle_since: CpuSample | None = sample_cpu() if self.auto_threads else None
@@ -233,6 +237,9 @@ class LlamaEngine(TokenEngine):
     def prompt_tokens(self, messages: list[Message]) -> list[int]:
         return self.tokenize(self.format(messages))
 
+    def text_tokens(self, text: str) -> list[int]:
+        return self.tokenize(text)
+
     @property
     def context_length(self) -> int:
         return self.n_ctx
@@ -255,13 +262,23 @@ class LlamaEngine(TokenEngine):
     def _cache_length(self) -> int:
         return self.lib.llama_memory_seq_pos_max(self.lib.llama_get_memory(self.ctx), 0) + 1
 
-    def _steps(self, tokens: list[int], options: GenerationOptions, budget: int
-               ) -> Generator[int, None, None]:
-        self._recheck_threads()
-        return self._sample_and_decode(tokens, options)
+    def _output_tokenizer(self) -> Any:
+        if self._lltokenizer is None:
+            from llmctl.engines.constraint import llama_tokenizer
 
-    def _sample_and_decode(self, tokens: list[int], options: GenerationOptions
-                           ) -> Generator[int, None, None]:
+            self._lltokenizer = llama_tokenizer(self.vocab)
+        return self._lltokenizer
+
+    def _vocabulary_size(self) -> int:
+        return self.lib.llama_vocab_n_tokens(self.vocab)
+
+    def _steps(self, tokens: list[int], options: GenerationOptions, budget: int,
+               matcher: Matcher | None = None) -> Generator[int, None, None]:
+        self._recheck_threads()
+        return self._sample_and_decode(tokens, options, matcher)
+
+    def _sample_and_decode(self, tokens: list[int], options: GenerationOptions,
+                           matcher: Matcher | None) -> Generator[int, None, None]:
         """The C API loop: the prompt in batches of n_batch, then per token one sample and
         one single-token decode into a batch made once, with no Python copy of the logits."""
         lib, ctx = self.lib, self.ctx
@@ -274,7 +291,11 @@ class LlamaEngine(TokenEngine):
                 chunk = tokens[start:start + self.n_batch]
                 self._decode((lib.llama_token * len(chunk))(*chunk), len(chunk))
             while True:
+                if matcher is not None:
+                    self._mask_logits(matcher)
                 token = sample(sampler, ctx, -1)
+                if matcher is not None:
+                    matcher.consume(token)
                 yield token  # the loop asks for the next one only when the reply goes on
                 step[0] = token
                 status = decode(ctx, step_batch)
@@ -285,6 +306,15 @@ class LlamaEngine(TokenEngine):
             lib.llama_sampler_free(sampler)
             if self.auto_threads:
                 self._idle_since = sample_cpu()
+
+    def _mask_logits(self, matcher: Matcher) -> None:
+        """-inf, in llama.cpp's own buffer, for every token the matcher does not allow:
+        the sampler chain then reads the masked logits."""
+        import numpy as np
+
+        pointer = self.lib.llama_get_logits_ith(self.ctx, -1)
+        logits = np.ctypeslib.as_array(pointer, shape=(matcher.size,))
+        logits[~matcher.allowed()] = -np.inf
 
     def close(self) -> None:
         if getattr(self, "ctx", None):

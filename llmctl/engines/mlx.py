@@ -20,7 +20,7 @@ from collections.abc import Generator
 from functools import lru_cache
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llmctl.engines import chat_template
 from llmctl.engines.text import (
@@ -33,6 +33,9 @@ from llmctl.engines.text import (
 from llmctl.errors import EngineFailure, EngineUnavailable
 from llmctl.formats import hf
 from llmctl.host import peak_memory_bytes
+
+if TYPE_CHECKING:
+    from llmctl.engines.constraint import Matcher
 
 
 @lru_cache(maxsize=1)
@@ -84,6 +87,7 @@ class MlxEngine(TokenEngine):
         self.vocabulary = hf.vocabulary(config)
         self.eos_ids = set(self.tokenizer.eos_token_ids)
         self._prompt_cache: list[Any] | None = None  # made by the first reply
+        self._lltokenizer: Any = None  # made at the first constrained reply
         self._warm_up()
         self.load_seconds = time.perf_counter() - started
 
@@ -135,6 +139,9 @@ class MlxEngine(TokenEngine):
             return list(tokens)
         return list(self.tokenizer.encode(chat_template.plain(messages)))
 
+    def text_tokens(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text))
+
     # -- generation ------------------------------------------------------------------------
 
     def _trim_cache(self, keep: int) -> int:
@@ -149,8 +156,37 @@ class MlxEngine(TokenEngine):
     def _cache_length(self) -> int:
         return self._prompt_cache[0].offset if self._prompt_cache else 0
 
-    def _steps(self, tokens: list[int], options: GenerationOptions, budget: int
-               ) -> Generator[int, None, None]:
+    def _output_tokenizer(self) -> Any:
+        if self._lltokenizer is None:
+            from llmctl.engines.constraint import hf_tokenizer
+
+            self._lltokenizer = hf_tokenizer(self.tokenizer._tokenizer)
+        return self._lltokenizer
+
+    def _vocabulary_size(self) -> int:
+        return self.vocabulary or len(self.tokenizer._tokenizer)
+
+    def _processor(self, matcher: Matcher, prompt: int) -> Any:
+        """mlx-lm's logits processor: feed the matcher the tokens sampled since its last
+        call (mlx-lm hands over the prompt and every token so far), then mask."""
+        mx = self.lib.mx
+        fed = prompt
+
+        def process(tokens: Any, logits: Any) -> Any:
+            nonlocal fed
+            for token in tokens[fed:].tolist():
+                matcher.consume(token)
+            fed = len(tokens)
+            allowed = mx.array(matcher.allowed())
+            size = logits.shape[-1]
+            if size > matcher.size:  # the model's padded vocabulary: padding never allowed
+                allowed = mx.concatenate([allowed, mx.zeros(size - matcher.size, mx.bool_)])
+            return mx.where(allowed[:size], logits, -mx.inf)
+
+        return process
+
+    def _steps(self, tokens: list[int], options: GenerationOptions, budget: int,
+               matcher: Matcher | None = None) -> Generator[int, None, None]:
         lib = self.lib
         mx = lib.mx
         if options.temperature > 0:
@@ -161,8 +197,10 @@ class MlxEngine(TokenEngine):
         sampler = lib.make_sampler(temp=options.temperature, top_p=options.top_p,
                                    min_p=options.min_p, top_k=top_k)
         # max_tokens=budget: the generator then queues no step past the last token wanted.
+        processors = [self._processor(matcher, len(tokens))] if matcher is not None else None
         return _token_ids(lib.generate_step(mx.array(tokens), self.model, max_tokens=budget,
-                                            sampler=sampler, prompt_cache=self._prompt_cache))
+                                            sampler=sampler, prompt_cache=self._prompt_cache,
+                                            logits_processors=processors))
 
     def _detokenizer(self) -> StreamingDetokenizer:
         return StreamingDetokenizer(self.tokenizer.detokenizer)

@@ -27,13 +27,16 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import asdict, dataclass, replace
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from llmctl import host
-from llmctl.errors import UsageError
+from llmctl.errors import EngineFailure, UsageError
+
+if TYPE_CHECKING:
+    from llmctl.engines.constraint import Matcher, OutputFormat
 
 Role = Literal["system", "user", "assistant"]
-StopReason = Literal["stop", "length", "interrupted"]
+StopReason = Literal["stop", "stop_sequence", "length", "interrupted"]
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,8 @@ class GenerationOptions:
     seed: int | None = None  # None: a fresh random seed each time
     max_tokens: int | None = None  # None: until the model stops or the context is full
     ignore_eos: bool = False  # benchmarks generate a fixed number of tokens
+    stop: tuple[str, ...] = ()  # the reply ends before the first of these (not shown)
+    output: OutputFormat | None = None  # the reply must be JSON (of this schema)
 
     def validate(self) -> GenerationOptions:
         """The options themselves, or UsageError for a value no engine can sample with.
@@ -130,6 +135,9 @@ class GenerationOptions:
                          why=f" ({MAX_SEED + 1} means 'random' to llama.cpp)")
         if self.max_tokens is not None:
             _check_range("--max-tokens", self.max_tokens, 1, None)
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise UsageError("--stop takes a sequence of one character or more",
+                             hint="e.g. --stop '\\n\\n' or --stop END")
         return self
 
 
@@ -230,6 +238,11 @@ class TextEngine(Protocol):
         """len(prompt_tokens(messages)): what `chat` trims its history by."""
         ...
 
+    def text_tokens(self, text: str) -> list[int]:
+        """`text` as token ids with no chat template (`run --raw`), with the BOS token
+        where the model wants one."""
+        ...
+
     def generate(self, messages: list[Message], options: GenerationOptions) -> Iterator[Event]:
         """Stream the reply to `messages`, formatted with the model's own chat template."""
         ...
@@ -291,10 +304,15 @@ class TokenEngine(ABC):
     def prompt_tokens(self, messages: list[Message]) -> list[int]: ...
 
     @abstractmethod
-    def _steps(self, tokens: list[int], options: GenerationOptions, budget: int
-               ) -> Generator[int, None, None]:
+    def text_tokens(self, text: str) -> list[int]: ...
+
+    @abstractmethod
+    def _steps(self, tokens: list[int], options: GenerationOptions, budget: int,
+               matcher: Matcher | None = None) -> Generator[int, None, None]:
         """The token stream of one reply: prefill `tokens` after what the cache holds
-        (`_trim_cache` has cut it to the prefix kept), then sample and decode.
+        (`_trim_cache` has cut it to the prefix kept), then sample and decode. With a
+        `matcher` (constrained output), each token is sampled from the logits with every
+        token `matcher.allowed()` leaves out masked, and then given to `matcher.consume`.
 
         Called before the clock starts, so what runs before it returns is set-up
         (seeding). The first `next()` processes the prompt and yields the first
@@ -311,6 +329,20 @@ class TokenEngine(ABC):
     @abstractmethod
     def _is_end(self, token: int) -> bool:
         """Whether `token` ends the reply (end of turn, end of text)."""
+
+    def _output_tokenizer(self) -> Any:
+        """The vocabulary as llguidance reads it (made once per model: about 0.4 s), for
+        constrained output. Engines that cannot mask their logits keep this refusal."""
+        raise UsageError(f"the {self.name} engine cannot constrain its output to JSON",
+                         hint="use the llama or mlx engine")
+
+    def _vocabulary_size(self) -> int:
+        raise NotImplementedError
+
+    def _matcher(self, output: OutputFormat) -> Matcher:
+        from llmctl.engines.constraint import Matcher
+
+        return Matcher(self._output_tokenizer(), output, self._vocabulary_size())
 
     def _trim_cache(self, keep: int) -> int:
         """Keep the first `keep` tokens of the KV cache and drop the rest (all of it for
@@ -363,12 +395,15 @@ class TokenEngine(ABC):
         detokenizer = self._detokenizer()
         add, is_end = detokenizer.add, self._is_end
         stop_on_end = not options.ignore_eos
+        stops = options.stop
+        held = ""  # text that may be the start of a stop sequence, not shown yet
         clock = time.perf_counter
         generated = 0
         sampled: list[int] = []
         stop_reason: StopReason = "length"
         leading = True
-        steps = self._steps(tokens[kept:], options, budget)
+        matcher = self._matcher(options.output) if options.output is not None else None
+        steps = self._steps(tokens[kept:], options, budget, matcher)
         started = clock()
         first_token_at = last_token_at = started
         try:
@@ -386,6 +421,12 @@ class TokenEngine(ABC):
                 if leading:  # the reply starts at its first visible character
                     text = text.lstrip()
                     leading = not text
+                if stops:
+                    text, held, found = _hold_back(held + text, stops)
+                    if found:
+                        stop_reason = "stop_sequence"
+                        yield Token(text)
+                        break
                 # One event per token, even when its bytes end mid-character and the text
                 # waits for the next one: consumers can count tokens by events.
                 yield Token(text)
@@ -395,8 +436,17 @@ class TokenEngine(ABC):
             steps.close()
             # The cache holds the prompt and the sampled tokens the engine has decoded.
             self._cached = (*tokens, *sampled)[:self._cache_length()]
-        if tail := detokenizer.flush():
-            yield Token(tail.lstrip() if leading else tail)
+        tail = detokenizer.flush() if stop_reason != "stop_sequence" else ""
+        tail = held + (tail.lstrip() if leading else tail)
+        if stops and tail:  # a stop sequence completed by the last, unfinished character
+            text, _, found = _hold_back(tail, stops)
+            tail = text if found else tail
+            stop_reason = "stop_sequence" if found else stop_reason
+        if tail:
+            yield Token(tail)
+        if matcher is not None and not matcher.complete:
+            raise ReplyCut(f"the reply was cut at {generated} tokens before the JSON was "
+                           "complete; raise --max-tokens (or --ctx)")
         yield Done(Stats(
             prompt_tokens=len(tokens),
             generated_tokens=generated,
@@ -408,6 +458,24 @@ class TokenEngine(ABC):
             peak_memory_bytes=self._peak_memory(),
             cached_tokens=kept,
         ))
+
+
+class ReplyCut(EngineFailure):
+    """A constrained reply ended before its JSON was whole (exit 1: never a half object
+    presented as success)."""
+
+
+def _hold_back(text: str, stops: tuple[str, ...]) -> tuple[str, str, bool]:
+    """(what can be shown, what is held back, whether a stop sequence was found): the text
+    before the first stop sequence, or all but the longest end of `text` that begins one
+    (a stop sequence can span several tokens)."""
+    found = [i for i in (text.find(stop) for stop in stops) if i >= 0]
+    if found:
+        return text[:min(found)], "", True
+    for size in range(min(len(text), max(map(len, stops)) - 1), 0, -1):
+        if any(stop.startswith(text[-size:]) for stop in stops):
+            return text[:-size], text[-size:], False
+    return text, "", False
 
 
 def _common_prefix(held: tuple[int, ...], tokens: list[int], most: int) -> int:
