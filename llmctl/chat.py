@@ -307,7 +307,8 @@ class ChatSession:
 HELP = """Commands:
   /set NAME VALUE   change an option for the next replies: temperature, top-p, top-k,
                     min-p, seed, max-tokens (seed and max-tokens: off to unset), stop
-                    (TEXT, or off); /set alone shows them
+                    (TEXT, or off), format (json, or off), schema (FILE or the schema
+                    itself, or off); /set alone shows them
   /stats            the last reply's figures
   /system [TEXT]    set the system prompt (without TEXT: show it)
   /clear            start a new conversation (this one stays saved)
@@ -335,12 +336,37 @@ SETTABLE: dict[str, tuple[str, Callable[[str], Any]]] = {
     "seed": ("seed", lambda v: None if v == "off" else int(v)),
     "max-tokens": ("max_tokens", lambda v: None if v == "off" else int(v)),
     "stop": ("stop", lambda v: () if v == "off" else (v,)),
+    "format": ("output", lambda v: None if v == "off" else _json_format(v)),
+    "schema": ("output", lambda v: None if v == "off" else _schema_file(v)),
 }
+
+
+def _json_format(value: str) -> Any:
+    from llmctl.engines.constraint import OutputFormat
+
+    if value != "json":
+        raise UsageError(f"unknown format '{value}'", hint="/set format json, or off")
+    return OutputFormat().check()
+
+
+def _schema_file(value: str) -> Any:
+    from llmctl.engines.constraint import parse_schema
+
+    if value.lstrip().startswith(("{", "[")):
+        return parse_schema(value, "/set schema")
+    try:
+        text = Path(value).expanduser().read_text("utf-8", errors="replace")
+    except OSError as exc:
+        raise UsageError(f"/set schema {value}: {exc.strerror}",
+                         hint="check the path") from None
+    return parse_schema(text, value)
 
 
 def _shown(value: Any) -> str:
     if value is None or value == ():
         return "off"
+    if hasattr(value, "schema"):  # an OutputFormat
+        return "json" if value.schema is None else "schema"
     return " | ".join(map(repr, value)) if isinstance(value, tuple) else str(value)
 
 
@@ -349,7 +375,8 @@ def set_option(session: ChatSession, arg: str) -> CommandResult:
     are; /set alone: what they are."""
     options = session.options
     if not arg:
-        shown = {name: getattr(options, field) for name, (field, _) in SETTABLE.items()}
+        shown = {name: getattr(options, field) for name, (field, _) in SETTABLE.items()
+                 if name != "schema"}  # format shows the output's: json, schema or off
         return CommandResult("Options: " + ", ".join(
             f"{name} {_shown(value)}" for name, value in shown.items()))
     name, _, value = arg.partition(" ")

@@ -341,3 +341,14 @@ def test_set_changes_the_next_replies_options_and_stats_shows_the_last(tmp_path:
     list(session.ask("hello"))
     stats = run_command(session, "/stats").stats
     assert stats is not None and stats.generated_tokens > 0
+    assert run_command(session, "/set format json").message == "Set format to json."
+    assert session.options.output is not None and session.options.output.schema is None
+    schema = tmp_path / "schema.json"
+    schema.write_text('{"type": "object", "properties": {"a": {"type": "integer"}}}')
+    run_command(session, f"/set schema {schema}")
+    assert session.options.output.schema["properties"]["a"] == {"type": "integer"}
+    assert "format schema" in run_command(session, "/set").message
+    assert run_command(session, "/set schema /nonexistent.json").error
+    assert run_command(session, "/set format yaml").error
+    run_command(session, "/set format off")
+    assert session.options.output is None

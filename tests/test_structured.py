@@ -135,3 +135,18 @@ def test_mlx_replies_validate_too(llmctl: Runner, stored_mlx: str, tmp_path: Pat
         for temperature, seed in SAMPLINGS[:2]:
             jsonschema.validate(
                 constrained(llmctl, stored_mlx, path, prompt, temperature, seed), schema)
+
+
+def test_chat_constrains_every_reply(llmctl: Runner) -> None:
+    schema, _ = SCHEMAS["enums"]
+    result = llmctl("chat", "smollm2", "--json-schema", json.dumps(schema), "--json",
+                    "--temperature", "1.0", "--seed", "5",
+                    input="Describe a T-shirt.\nAnd another one, for a child.\n")
+    assert result.returncode == 0, result.stderr
+    done = [e for e in map(json.loads, result.stdout.splitlines()) if e["type"] == "done"]
+    assert [d["turn"] for d in done] == [1, 2]
+    for event in done:
+        assert event["value"] == json.loads(event["text"])
+        jsonschema.validate(event["value"], schema)
+    refused = llmctl("chat", "smollm2", "--json-schema", "-", input="{}")
+    assert refused.returncode == 2 and "stdin" in error_line(refused)

@@ -11,7 +11,9 @@ from llmctl.cli.options import (
     CtxOpt,
     EngineOpt,
     ForceOpt,
+    FormatOpt,
     JsonOpt,
+    JsonSchemaOpt,
     MaxTokensOpt,
     SeedOpt,
     StopOpt,
@@ -39,6 +41,8 @@ def chat(
     system: SystemOpt = None,
     system_file: SystemFileOpt = None,
     stop: StopOpt = None,
+    format: FormatOpt = None,
+    json_schema: JsonSchemaOpt = None,
     resume: Annotated[str | None, typer.Option(
         metavar="ID", help="Continue a saved conversation (an ID or a unique prefix).",
         show_default=False)] = None,
@@ -73,6 +77,7 @@ def chat(
         llmctl chat smollm2
         llmctl chat smollm2 --system "Answer in French." --temperature 0
         llmctl chat smollm2 --system-file persona.txt --stop "User:"
+        printf 'A cat\nA dog\n' | llmctl chat smollm2 --json-schema animal.json --json
         printf 'Hi\\nBye\\n' | llmctl chat smollm2 --json | jq -r 'select(.type=="done").text'
         llmctl chat --list
         llmctl chat --resume 3f2a
@@ -80,7 +85,7 @@ def chat(
     from llmctl import loader
     from llmctl.chat import ChatSession, Conversation, ConversationStore
     from llmctl.cli.chat_session import interactive
-    from llmctl.cli.options import open_store, system_prompt
+    from llmctl.cli.options import open_store, output_format, system_prompt
     from llmctl.engines.text import GenerationOptions, LoadOptions
     from llmctl.errors import UsageError
     from llmctl.store.layout import StoreLayout
@@ -90,8 +95,13 @@ def chat(
     store = ConversationStore(StoreLayout.default().root)
     if list_:
         return _list(out, store, model)
+    output, took_stdin = output_format(format, json_schema)
+    if took_stdin:
+        raise UsageError("chat reads its messages from stdin", hint="give --json-schema a "
+                         "file or the schema itself")
     options = GenerationOptions(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-                                max_tokens=max_tokens, stop=tuple(stop or ())).validate()
+                                max_tokens=max_tokens, stop=tuple(stop or ()),
+                                output=output).validate()
     system = system_prompt(system, system_file)
     if sys.stdin is None:  # `llmctl chat MODEL <&-`: no terminal and no messages
         raise UsageError("stdin is closed, so there are no messages to answer",

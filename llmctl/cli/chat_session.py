@@ -26,9 +26,14 @@ def stream_reply(out: Output, session: ChatSession, text: str, meta: dict | None
             if isinstance(event, Trimmed):
                 out.info(f"note: {event.note}")
             elif isinstance(event, Done):
-                out.reply_done({**(meta or {}), "conversation": session.conversation.id,
-                                "turn": len(session.conversation.turns),
-                                "text": "".join(parts), **event.stats.to_dict()})
+                record = {**(meta or {}), "conversation": session.conversation.id,
+                          "turn": len(session.conversation.turns), "text": "".join(parts),
+                          **event.stats.to_dict()}
+                if session.options.output is not None:  # whole and valid: enforced
+                    import json
+
+                    record["value"] = json.loads(record["text"])
+                out.reply_done(record)
                 return event.stats
             else:
                 parts.append(event.text)
