@@ -183,3 +183,19 @@ def test_verbose_gives_the_time_to_first_token(llmctl: Runner) -> None:
     assert result.returncode == 0, result.stderr
     line = next(line for line in result.stderr.splitlines() if "first token after" in line)
     assert float(line.split(":")[1].strip().rstrip("s")) > 0
+
+
+def test_offline_pulls_nothing_from_the_network(llmctl: Runner, tmp_path: Path) -> None:
+    # Every proxy points at a closed port: a connection attempt would fail with another
+    # error, after retries; --offline must refuse before any.
+    closed = "http://127.0.0.1:9"
+    env = {"HTTP_PROXY": closed, "HTTPS_PROXY": closed, "ALL_PROXY": closed,
+           "HF_HOME": str(tmp_path / "empty-hf")}
+    for model in ("qwen2.5", "hf://org/repo:Q4_K_M", "https://example.com/m.gguf"):
+        result = llmctl("--offline", "run", model, "hi", env=env)
+        assert result.returncode == 3, result.stderr
+        assert "--offline: nothing is downloaded" in error_line(result)
+    # A model a local source provides (the pip package) is still pulled: no network.
+    local = llmctl("--offline", "run", "smollm2", "--temperature", "0", PARIS, env=env)
+    assert local.returncode == 0, local.stderr
+    assert local.stdout == "The capital of France is Paris.\n"

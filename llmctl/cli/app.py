@@ -110,6 +110,14 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+def _offline(value: bool) -> None:
+    if value:  # for this process and every one it starts
+        from llmctl.store.sources import OFFLINE_ENV
+
+        os.environ[OFFLINE_ENV] = "1"
+        os.environ["HF_HUB_OFFLINE"] = "1"
+
+
 def _install_completion(value: bool) -> None:
     if value:
         from pathlib import Path
@@ -135,6 +143,10 @@ def _show_completion(value: bool) -> None:
 def _options(
     version: Annotated[bool, typer.Option(
         "--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+    offline: Annotated[bool, typer.Option(
+        "--offline", callback=_offline, is_eager=True,
+        help="No network at all: a model that is not stored is not pulled (exit 3).")
     ] = False,
     install_completion: Annotated[bool, typer.Option(
         "--install-completion", callback=_install_completion, is_eager=True,

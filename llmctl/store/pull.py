@@ -117,6 +117,9 @@ def pull(
         else:
             return PullResult(stored, "exists")
     reference = f"{target_name}:{tag}"
+    if isinstance(ref, HubRef | UrlRef) and sources.offline() and not force and (
+            manifests.load(layout, target_name, tag) is None):
+        raise SourceUnavailable(reference, [sources.OFFLINE_REASON])
     with layout.work_lock(f"pull-{reference_part(reference)}", _waiting(reference, on_event)):
         if not force and (stored := manifests.load(layout, target_name, tag)):
             if isinstance(ref, HubRef | UrlRef) and not _same_source(stored, ref):

@@ -32,6 +32,17 @@ if TYPE_CHECKING:
 # and httpx are not start-up's business).
 SOURCES = {"package": "llmctl.store.sources.bundled", "hf": "llmctl.store.sources.hf",
            "url": "llmctl.store.sources.url"}
+# The source types that use the network: none of them is tried under --offline.
+NETWORK = {"hf", "url"}
+OFFLINE_ENV = "LLMCTL_OFFLINE"
+OFFLINE_REASON = "--offline: nothing is downloaded (run without --offline to pull it)"
+
+
+def offline() -> bool:
+    """Whether `--offline` (or LLMCTL_OFFLINE=1) forbids every network access."""
+    import os
+
+    return os.environ.get(OFFLINE_ENV, "") not in ("", "0")
 # (file name, bytes done, bytes total) while a source fetches a file.
 FileProgress = Callable[[str, int, int], None]
 
@@ -88,6 +99,8 @@ def catalog_files(kind: str, layout: StoreLayout, options: dict[str, Any],
 
     if kind not in SOURCES:
         raise SourceMissing(f"unknown source type '{kind}'")
+    if kind in NETWORK and offline():  # checked before anything that could open a socket
+        raise SourceMissing(OFFLINE_REASON)
     module = importlib.import_module(SOURCES[kind])
     return module.catalog_files(layout, options, quantization, pull_options,
                                 on_progress=on_progress, model=model)
