@@ -81,6 +81,9 @@ def open_text(ref: Reference, layout: StoreLayout, catalog: Catalog, *,
     # Bounds first: a --ctx past the model's trained context is a usage error, not a
     # memory estimate of terabytes.
     options, notes = (options or LoadOptions()).validate(model_shape(target).trained_context)
+    if options.gpu_layers is not None and spec.name != "llama":
+        notes.append(f"--gpu-layers applies to the llama engine; {spec.name} places the "
+                     "whole model on its own device")
     for note in notes:
         on_note(Note(note))
     check = check_fits(estimate_text_memory(target, options.context_length), force)

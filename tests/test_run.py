@@ -199,3 +199,19 @@ def test_offline_pulls_nothing_from_the_network(llmctl: Runner, tmp_path: Path) 
     local = llmctl("--offline", "run", "smollm2", "--temperature", "0", PARIS, env=env)
     assert local.returncode == 0, local.stderr
     assert local.stdout == "The capital of France is Paris.\n"
+
+
+def test_gpu_layers_and_the_backend_that_ran(llmctl: Runner) -> None:
+    # This llama.cpp build is CPU-only: whatever --gpu-layers asks, nothing is offloaded,
+    # and every report says so.
+    for layers in ("all", "4"):
+        _, done = json_reply(llmctl("run", "smollm2", "--temperature", "0", "--json",
+                                    "--gpu-layers", layers, PARIS))
+        assert (done["backend"], done["gpu_layers"]) == ("CPU", 0)
+    verbose = llmctl("run", "smollm2", "--temperature", "0", "--verbose", PARIS)
+    assert "backend:           CPU" in verbose.stderr
+    shown = json.loads(llmctl("show", "smollm2", "--json").stdout)
+    assert shown["backend"] == "CPU"
+    for bad in ("-1", "some"):
+        refused = llmctl("run", "smollm2", "--gpu-layers", bad, PARIS)
+        assert refused.returncode == 2 and "--gpu-layers" in error_line(refused)

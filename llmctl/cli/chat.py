@@ -12,6 +12,7 @@ from llmctl.cli.options import (
     EngineOpt,
     ForceOpt,
     FormatOpt,
+    GpuLayersOpt,
     JsonOpt,
     JsonSchemaOpt,
     MaxTokensOpt,
@@ -56,6 +57,7 @@ def chat(
     ctx: CtxOpt = None,
     threads: ThreadsOpt = None,
     engine: EngineOpt = None,
+    gpu_layers: GpuLayersOpt = None,
     json: JsonOpt = False,
     verbose: VerboseOpt = False,
     force: ForceOpt = False,
@@ -85,7 +87,7 @@ def chat(
     from llmctl import loader
     from llmctl.chat import ChatSession, Conversation, ConversationStore
     from llmctl.cli.chat_session import interactive
-    from llmctl.cli.options import open_store, output_format, system_prompt
+    from llmctl.cli.options import open_store, output_format, parse_gpu_layers, system_prompt
     from llmctl.engines.text import GenerationOptions, LoadOptions
     from llmctl.errors import UsageError
     from llmctl.store.layout import StoreLayout
@@ -114,14 +116,16 @@ def chat(
     ref = parse_reference(model)
     with out.progress() as report:
         opened = loader.open_text(ref, *open_store(), engine=engine,
-                                  options=LoadOptions(ctx, threads), force=force,
+                                  options=LoadOptions(ctx, threads, parse_gpu_layers(gpu_layers)),
+                                  force=force,
                                   on_event=report, on_note=out.note)
     name = opened.model.name
     conversation = conversation or Conversation(name)
     conversation.model = name
     conversation.system = system or conversation.system
     session = ChatSession(opened.engine, conversation, options, store)
-    meta = {"model": name, "engine": opened.spec.name}
+    meta = {"model": name, "engine": opened.spec.name, "backend": opened.engine.backend,
+            "gpu_layers": opened.engine.gpu_layers}
     if not sys.stdin.isatty():
         return _piped(out, session, meta, verbose)
     interactive(out, session, verbose, resumed=resume is not None)
@@ -165,4 +169,4 @@ def _piped(out: Output, session: ChatSession, meta: dict, verbose: bool) -> None
             out.reply_stopped()  # the shell prompt on a line of its own
             raise
         if verbose:
-            out.stats(stats, session.engine.threads)
+            out.stats(stats, session.engine)

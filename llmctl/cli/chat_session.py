@@ -70,13 +70,13 @@ def interactive(out: Output, session: ChatSession, verbose: bool, resumed: bool)
                 if done.message:
                     (out.error if done.error else out.info)(done.message)
                 if done.stats:
-                    out.stats(done.stats, session.engine.threads)
+                    out.stats(done.stats, session.engine)
                 if done.stop:
                     break
             elif text:
                 stats = stream_reply(out, session, text)
                 if verbose:
-                    out.stats(stats, session.engine.threads)
+                    out.stats(stats, session.engine)
         except KeyboardInterrupt:
             out.reply_stopped()
             out.info("(reply stopped)")

@@ -98,6 +98,30 @@ FileOpt = Annotated[list[Path] | None, typer.Option(
     "before PROMPT; repeat for more.", show_default=False, dir_okay=False)]
 
 
+GpuLayersOpt = Annotated[str | None, typer.Option(
+    "--gpu-layers", metavar="N|all", help="Model layers to run on the GPU (llama.cpp). "
+    "[default: all when llama.cpp has a GPU backend, else none]", show_default=False)]
+
+
+def parse_gpu_layers(text: str | None) -> int | None:
+    """--gpu-layers as LoadOptions takes it: None (the default), a count, or ALL_LAYERS."""
+    from llmctl.engines.text import ALL_LAYERS
+    from llmctl.errors import UsageError
+
+    if text is None:
+        return None
+    if text == "all":
+        return ALL_LAYERS
+    try:
+        count = int(text)
+    except ValueError:
+        raise UsageError(f"--gpu-layers takes a number or all, not '{text}'",
+                         hint="e.g. --gpu-layers all, or --gpu-layers 0 for the CPU") from None
+    if count < 0:
+        raise UsageError(f"--gpu-layers {count} is below 0", hint="use 0 or more, or all")
+    return count
+
+
 FormatOpt = Annotated[str | None, typer.Option(
     "--format", metavar="json", help="The reply is JSON that parses, enforced while "
     "sampling.", show_default=False)]

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TextIO, TypeVar
 from llmctl.units import format_bytes, format_seconds
 
 if TYPE_CHECKING:
-    from llmctl.engines.text import Stats
+    from llmctl.engines.text import Stats, TextEngine
     from llmctl.loader import Note
 
 
@@ -189,10 +189,10 @@ class Output:
             self.text("\n")
         self._in_reply = False
 
-    def stats(self, stats: Stats, threads: int | None = None) -> None:
+    def stats(self, stats: Stats, engine: TextEngine | None = None) -> None:
         """--verbose: Ollama's statistics block of a reply, on stderr, with the CPU threads
         the engine ran when it counts them (the default depends on what else keeps the
-        CPUs busy)."""
+        CPUs busy) and where it computed (the backend, the layers offloaded to a GPU)."""
         self.info(
             f"load duration:     {stats.load_seconds:.2f}s\n"
             f"prompt eval count: {stats.prompt_tokens} token(s)\n"
@@ -201,7 +201,10 @@ class Output:
             f"eval count:        {stats.generated_tokens} token(s)\n"
             f"eval rate:         {stats.generate_tokens_per_second:.2f} tokens/s\n"
             f"stop reason:       {stats.stop_reason}\n"
-            + (f"threads:           {threads}\n" if threads else "")
+            + (f"threads:           {engine.threads}\n" if engine and engine.threads else "")
+            + (f"backend:           {engine.backend}"
+               + (f" ({engine.gpu_layers} layers on the GPU)" if engine.gpu_layers else "")
+               + "\n" if engine else "")
             + f"peak memory:       {format_bytes(stats.peak_memory_bytes)}"
         )
 

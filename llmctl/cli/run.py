@@ -12,6 +12,7 @@ from llmctl.cli.options import (
     FileOpt,
     ForceOpt,
     FormatOpt,
+    GpuLayersOpt,
     JsonOpt,
     JsonSchemaOpt,
     MaxTokensOpt,
@@ -50,6 +51,7 @@ def run(
     ctx: CtxOpt = None,
     threads: ThreadsOpt = None,
     engine: EngineOpt = None,
+    gpu_layers: GpuLayersOpt = None,
     json: JsonOpt = False,
     verbose: VerboseOpt = False,
     force: ForceOpt = False,
@@ -77,7 +79,13 @@ def run(
         llmctl run smollm2 --json-schema person.json "Invent a person."
     """
     from llmctl import loader
-    from llmctl.cli.options import open_store, output_format, read_prompt, system_prompt
+    from llmctl.cli.options import (
+        open_store,
+        output_format,
+        parse_gpu_layers,
+        read_prompt,
+        system_prompt,
+    )
     from llmctl.engines.text import Done, GenerationOptions, LoadOptions, Message
     from llmctl.errors import UsageError
     from llmctl.store.names import parse_reference
@@ -95,7 +103,8 @@ def run(
     ref = parse_reference(model)
     with out.progress() as report:
         opened = loader.open_text(ref, *open_store(), engine=engine,
-                                  options=LoadOptions(ctx, threads), force=force,
+                                  options=LoadOptions(ctx, threads, parse_gpu_layers(gpu_layers)),
+                                  force=force,
                                   on_event=report, on_note=out.note)
     messages = ([Message("system", system)] if system else []) + [Message("user", text)]
     events = (opened.engine.generate_from_tokens(opened.engine.text_tokens(text), options)
@@ -113,7 +122,9 @@ def run(
         events.close()
         out.reply_stopped()  # leave the shell prompt on a line of its own
         raise
-    record = {"model": opened.model.name, "engine": opened.spec.name, **stats.to_dict()}
+    record = {"model": opened.model.name, "engine": opened.spec.name,
+              "backend": opened.engine.backend, "gpu_layers": opened.engine.gpu_layers,
+              **stats.to_dict()}
     if output is not None:  # whole and valid: the constraint saw to it
         import json as json_module
 
@@ -122,4 +133,4 @@ def run(
             out.text("".join(parts))
     out.reply_done(record)
     if verbose:
-        out.stats(stats, threads=opened.engine.threads)
+        out.stats(stats, opened.engine)

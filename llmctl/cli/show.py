@@ -59,13 +59,18 @@ def show(
                              hint="its prompts are sent as plain text")
         out.line(chat_template)
         return
+    from llmctl.engines import registry
+
+    backend = (registry.backend(registry.ENGINES[manifest.engine])
+               if manifest.engine in registry.ENGINES else "unknown engine")
     out.document(dict(manifest.to_dict(), path=str(details.path), verified=details.verified,
+                      backend=backend,
                       summary=details.summary, gguf=details.metadata,
                       tensor_types=details.tensor_types),
-                 lambda: _lines(details, metadata))
+                 lambda: _lines(details, metadata, backend))
 
 
-def _lines(details: ModelDetails, metadata: bool) -> Iterator[str]:
+def _lines(details: ModelDetails, metadata: bool, backend: str) -> Iterator[str]:
     """`show` for a person: sections of aligned keys and values."""
     manifest = details.manifest
     s = details.summary
@@ -84,6 +89,7 @@ def _lines(details: ModelDetails, metadata: bool) -> Iterator[str]:
         ],
         "Store": [
             ("engine", manifest.engine),
+            ("backend", backend),
             ("format", manifest.format),
             ("size", format_bytes(manifest.size)),
             ("verified", "yes (every file's sha256 checked by llmctl)" if details.verified

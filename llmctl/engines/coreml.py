@@ -361,5 +361,9 @@ class CoreMLEngine:
         self.unet = []
 
 
+def build_backend() -> str:
+    return "Core ML (the compute units --compute-unit picks)"
+
+
 def load(path: Path, options: ImageLoadOptions) -> CoreMLEngine:
     return CoreMLEngine(path, options)

@@ -236,5 +236,12 @@ class DiffusersEngine:
         self.pipe = None
 
 
+def build_backend() -> str:
+    """The device PyTorch would pick here (`show`), told without importing torch."""
+    from llmctl.host import default_torch_device
+
+    return {"cuda": "CUDA", "mps": "MPS"}.get(default_torch_device(), "CPU")
+
+
 def load(path: Path, options: ImageLoadOptions) -> DiffusersEngine:
     return DiffusersEngine(path, options)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from llmctl.engines import chat_template
 from llmctl.engines.text import (
+    ALL_LAYERS,
     ByteDetokenizer,
     GenerationOptions,
     LoadOptions,
@@ -72,12 +73,23 @@ def _library() -> Any:
     return lib
 
 
-def _backend(lib: Any) -> str:
-    """Where this build of llama.cpp computes: the model's layers go to the GPU wherever
-    the build can offload them (llama.cpp's default), else everything runs on the CPU."""
+# A GPU backend's name as llama.cpp's system information lists it -> what we call it.
+GPU_BACKENDS = {"CUDA": "CUDA", "Metal": "Metal", "MTL": "Metal", "Vulkan": "Vulkan",
+                "ROCm": "ROCm", "HIP": "ROCm", "SYCL": "SYCL", "OpenCL": "OpenCL"}
+
+
+def _gpu_backend(lib: Any) -> str | None:
+    """The GPU backend this build of llama.cpp offloads to, None for a CPU-only build."""
     if not lib.llama_supports_gpu_offload():
-        return "CPU"
-    return "Metal" if sys.platform == "darwin" else "GPU"
+        return None
+    info = lib.llama_print_system_info().decode("utf-8", "replace")
+    found = next((name for key, name in GPU_BACKENDS.items() if key in info), None)
+    return found or ("Metal" if sys.platform == "darwin" else "GPU")
+
+
+def build_backend() -> str:
+    """Where this build computes (`show`): its GPU backend, else the CPU."""
+    return _gpu_backend(_library()) or "CPU"
 
 
 def _llama_said() -> str:
@@ -96,6 +108,10 @@ class LlamaEngine(TokenEngine):
         started = time.perf_counter()
         _recent_log.clear()
         model_params = lib.llama_model_default_params()
+        gpu = _gpu_backend(lib)
+        # --gpu-layers N|all; by default every layer where the build has a GPU backend.
+        model_params.n_gpu_layers = (0 if gpu is None else -1 if options.gpu_layers in (
+            None, ALL_LAYERS) else options.gpu_layers)
         self.model = lib.llama_model_load_from_file(str(path).encode(), model_params)
         if not self.model:
             raise EngineFailure(f"llama.cpp could not load {path}{_llama_said()}")
@@ -138,7 +154,11 @@ class LlamaEngine(TokenEngine):
         self.n_batch = ctx_params.n_batch
         self.threads = threads
         self.parameters = lib.llama_model_n_params(self.model)
-        self.backend = _backend(lib)
+        layers = lib.llama_model_n_layer(self.model)
+        offloaded = 0 if gpu is None else (layers if model_params.n_gpu_layers < 0
+                                           else min(model_params.n_gpu_layers, layers))
+        self.gpu_layers = offloaded
+        self.backend = gpu if offloaded else "CPU"
         template = lib.llama_model_chat_template(self.model, None)
         self.template = template.decode("utf-8") if template else None
         self.bos_text = self._special_text(lib.llama_vocab_bos(self.vocab))

@@ -75,6 +75,7 @@ class MlxEngine(TokenEngine):
             raise EngineFailure(f"mlx-lm could not load {path}: {exc}") from None
         self.on_cpu = mx.default_device().type == mx.DeviceType.cpu
         self.backend = "CPU" if self.on_cpu else "Metal"
+        self.gpu_layers = 0  # MLX runs the whole model on its device
         self.parameters = lib.total_parameters(self.model)
         if self.on_cpu:
             self._upcast_half_precision()
@@ -248,6 +249,12 @@ class StreamingDetokenizer:
     def flush(self) -> str:
         self._detokenizer.finalize()
         return self._detokenizer.last_segment
+
+
+def build_backend() -> str:
+    """Where MLX computes here (`show`): Metal on Apple Silicon, else the CPU."""
+    mx = _library().mx
+    return "Metal" if mx.metal.is_available() else "CPU"
 
 
 def load(path: Path, options: LoadOptions) -> MlxEngine:

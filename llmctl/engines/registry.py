@@ -97,6 +97,16 @@ def check_available(spec: EngineSpec) -> None:
         raise EngineUnavailable(spec.name, f"{spec.requires} is not installed", spec.install)
 
 
+def backend(spec: EngineSpec) -> str:
+    """Where the engine computes on this machine (`show`), without loading a model: its
+    module's `build_backend()`, or why it cannot run here."""
+    try:
+        check_available(spec)
+    except EngineUnavailable as exc:
+        return f"unavailable here ({exc.reason})"
+    return importlib.import_module(spec.module).build_backend()
+
+
 def load_text_engine(spec: EngineSpec, path: Path, options: LoadOptions) -> TextEngine:
     return _load(spec, "text", path, options)
 

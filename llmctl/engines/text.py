@@ -70,10 +70,16 @@ def default_context(requested: int | None, trained: int | None) -> int:
     return requested or min(trained or DEFAULT_CONTEXT, DEFAULT_CONTEXT)
 
 
+ALL_LAYERS = -1  # --gpu-layers all
+
+
 @dataclass(frozen=True)
 class LoadOptions:
     context_length: int | None = None  # None: the engine's default for the model
     threads: int | None = None  # None: the cores other processes leave free
+    # Model layers offloaded to the GPU (llama.cpp): ALL_LAYERS, or None for the default
+    # (all where the build has a GPU backend, none otherwise).
+    gpu_layers: int | None = None
 
     def validate(self, trained_context: int | None = None) -> tuple[LoadOptions, list[str]]:
         """The options bounded by what the engines accept, and notes on what was changed.
@@ -97,6 +103,9 @@ class LoadOptions:
                 raise UsageError(f"--ctx {ctx} is more than {said}",
                                  hint=f"use --ctx {limit} or less")
         notes = []
+        if self.gpu_layers is not None and self.gpu_layers < ALL_LAYERS:
+            raise UsageError(f"--gpu-layers {self.gpu_layers} is below 0",
+                             hint="use a number of layers, or all")
         threads = self.threads
         if threads is not None:
             if threads < 1:
@@ -230,6 +239,11 @@ class TextEngine(Protocol):
         """The model's parameter count, where the engine can tell."""
         ...
 
+    @property
+    def gpu_layers(self) -> int:
+        """Layers offloaded to a GPU (llama.cpp); 0 on the CPU or where not counted."""
+        ...
+
     def prompt_tokens(self, messages: list[Message]) -> list[int]:
         """The conversation formatted with the model's own chat template, as token ids."""
         ...
@@ -292,6 +306,7 @@ class TokenEngine(ABC):
     load_seconds: float = 0.0
     threads: int | None = None
     backend: str = "CPU"
+    gpu_layers: int = 0  # layers the engine runs on a GPU (llama.cpp's offload)
     parameters: int | None = None
     # The tokens the engine's KV cache holds, in order, as the last reply left it.
     _cached: tuple[int, ...] = ()
