@@ -79,10 +79,12 @@ def test_without_the_schema_the_model_does_not_write_such_json(llmctl: Runner) -
 
 
 def test_format_json_parses_and_json_events_carry_the_value(llmctl: Runner) -> None:
-    result = llmctl("run", "smollm2", "--format", "json", "--temperature", "0",
-                    "List three colours as a JSON array.")
-    assert result.returncode == 0, result.stderr
-    json.loads(result.stdout)
+    for temperature, seed in SAMPLINGS:
+        args = ["--seed", seed] if seed else []
+        result = llmctl("run", "smollm2", "--format", "json", "--temperature", temperature,
+                        *args, "List three colours as a JSON array.")
+        assert result.returncode == 0, result.stderr
+        json.loads(result.stdout)
     events = [json.loads(line) for line in llmctl(
         "run", "smollm2", "--json-schema", json.dumps(SCHEMAS["enums"][0]), "--json",
         "--temperature", "0", SCHEMAS["enums"][1]).stdout.splitlines()]
@@ -114,6 +116,8 @@ def test_a_reply_cut_before_its_json_is_whole_is_a_failure(llmctl: Runner) -> No
     ("{not json", "not JSON"),
     ("[1, 2]", "not a JSON object"),
     ("missing.json", "missing.json"),
+    ('{"type": "array", "uniqueItems": true}', 'Unimplemented keys: ["uniqueItems"]'),
+    ('{"type": "string", "format": "colour"}', "Unknown format: colour"),
 ])
 def test_bad_schemas_are_usage_errors(llmctl: Runner, schema: str, words: str) -> None:
     result = llmctl("run", "smollm2", "--json-schema", schema, "hi")
@@ -127,14 +131,15 @@ def test_format_takes_json_only_and_not_with_a_schema(llmctl: Runner) -> None:
     assert both.returncode == 2 and "--json-schema" in error_line(both)
 
 
-def test_mlx_replies_validate_too(llmctl: Runner, stored_mlx: str, tmp_path: Path) -> None:
-    for name in ("flat", "bounds"):
-        schema, prompt = SCHEMAS[name]
-        path = tmp_path / f"{name}.json"
-        path.write_text(json.dumps(schema))
-        for temperature, seed in SAMPLINGS[:2]:
-            jsonschema.validate(
-                constrained(llmctl, stored_mlx, path, prompt, temperature, seed), schema)
+@pytest.mark.parametrize("name", list(SCHEMAS))
+def test_mlx_replies_validate_too(llmctl: Runner, stored_mlx: str, tmp_path: Path,
+                                  name: str) -> None:
+    schema, prompt = SCHEMAS[name]
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(schema))
+    for temperature, seed in SAMPLINGS:
+        jsonschema.validate(
+            constrained(llmctl, stored_mlx, path, prompt, temperature, seed), schema)
 
 
 def test_chat_constrains_every_reply(llmctl: Runner) -> None:

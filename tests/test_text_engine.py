@@ -156,3 +156,10 @@ def test_text_held_for_a_stop_that_never_comes_is_shown() -> None:
 def test_an_empty_stop_sequence_is_refused() -> None:
     with pytest.raises(UsageError, match="--stop"):
         run(ScriptedEngine([2]), stop=("",))
+
+
+def test_an_engine_that_cannot_mask_its_logits_refuses_a_schema() -> None:
+    from llmctl.engines.constraint import OutputFormat
+
+    with pytest.raises(UsageError, match="cannot constrain its output"):
+        run(ScriptedEngine([2]), output=OutputFormat())
