@@ -350,16 +350,9 @@ def _json_format(value: str) -> Any:
 
 
 def _schema_file(value: str) -> Any:
-    from llmctl.engines.constraint import parse_schema
+    from llmctl.engines.constraint import schema_from
 
-    if value.lstrip().startswith(("{", "[")):
-        return parse_schema(value, "/set schema")
-    try:
-        text = Path(value).expanduser().read_text("utf-8", errors="replace")
-    except OSError as exc:
-        raise UsageError(f"/set schema {value}: {exc.strerror}",
-                         hint="check the path") from None
-    return parse_schema(text, value)
+    return schema_from(value, "/set schema")
 
 
 def _shown(value: Any) -> str:

@@ -141,16 +141,14 @@ def output_format(format: str | None, schema: str | None) -> tuple[object | None
     if format is not None and schema is not None:
         raise UsageError("--format json and --json-schema both give the reply's format",
                          hint="use --json-schema alone: its JSON is JSON too")
-    from llmctl.engines.constraint import OutputFormat, parse_schema
+    from llmctl.engines.constraint import OutputFormat, parse_schema, schema_from
 
     if schema is None:
         return (OutputFormat().check() if format else None), False
     if schema == "-":
         text_stdin()
         return parse_schema(sys.stdin.read(), "stdin"), True
-    if schema.lstrip().startswith(("{", "[")):  # the schema itself, not a file name
-        return parse_schema(schema, "--json-schema"), False
-    return parse_schema(read_text_file(Path(schema), "--json-schema"), schema), False
+    return schema_from(schema, "--json-schema"), False
 
 
 def read_text_file(path: Path, option: str) -> str:

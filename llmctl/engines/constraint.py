@@ -106,6 +106,21 @@ def parse_schema(text: str, where: str) -> OutputFormat:
     return OutputFormat(schema).check()
 
 
+def schema_from(value: str, option: str) -> OutputFormat:
+    """The schema an option names: the schema itself (text starting with { or [), else
+    the file at that path (`--json-schema`, chat's `/set schema`)."""
+    if value.lstrip().startswith(("{", "[")):
+        return parse_schema(value, option)
+    from pathlib import Path
+
+    try:
+        text = Path(value).expanduser().read_bytes().decode("utf-8", errors="replace")
+    except OSError as exc:
+        raise UsageError(f"{option} {value}: {exc.strerror or exc}",
+                         hint="check the path") from None
+    return parse_schema(text, value)
+
+
 def _libraries() -> None:
     try:
         import jsonschema  # noqa: F401
@@ -137,6 +152,11 @@ class Matcher:
         self._matcher.unsafe_compute_mask_ptr(self._bits.ctypes.data, self._bits.nbytes)
         bits = np.unpackbits(self._bits.view(np.uint8), bitorder="little")
         return bits[:self.size].astype(bool)
+
+    def mask(self, logits: Any) -> None:
+        """-inf in `logits` (a numpy array over the vocabulary) for every token not
+        allowed."""
+        logits[~self.allowed()] = -self._np.inf
 
     def consume(self, token: int) -> None:
         self._matcher.consume_token(token)

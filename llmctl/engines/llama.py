@@ -163,7 +163,6 @@ class LlamaEngine(TokenEngine):
         self.template = template.decode("utf-8") if template else None
         self.bos_text = self._special_text(lib.llama_vocab_bos(self.vocab))
         self.eos_text = self._special_text(lib.llama_vocab_eos(self.vocab))
-        self._lltokenizer: Any = None  # made at the first constrained reply
         self._warm_up()
         self.load_seconds = time.perf_counter() - started
         self._idle_since: CpuSample | None = sample_cpu() if self.auto_threads else None
@@ -283,11 +282,9 @@ class LlamaEngine(TokenEngine):
         return self.lib.llama_memory_seq_pos_max(self.lib.llama_get_memory(self.ctx), 0) + 1
 
     def _output_tokenizer(self) -> Any:
-        if self._lltokenizer is None:
-            from llmctl.engines.constraint import llama_tokenizer
+        from llmctl.engines.constraint import llama_tokenizer
 
-            self._lltokenizer = llama_tokenizer(self.vocab)
-        return self._lltokenizer
+        return llama_tokenizer(self.vocab)
 
     def _vocabulary_size(self) -> int:
         return self.lib.llama_vocab_n_tokens(self.vocab)
@@ -306,13 +303,17 @@ class LlamaEngine(TokenEngine):
         step = (lib.llama_token * 1)()
         step_batch = lib.llama_batch_get_one(step, 1)
         sample, decode = lib.llama_sampler_sample, lib.llama_decode
+        if matcher is not None:
+            import numpy as np
+
+            as_array, logits_at = np.ctypeslib.as_array, lib.llama_get_logits_ith
         try:
             for start in range(0, len(tokens), self.n_batch):
                 chunk = tokens[start:start + self.n_batch]
                 self._decode((lib.llama_token * len(chunk))(*chunk), len(chunk))
             while True:
-                if matcher is not None:
-                    self._mask_logits(matcher)
+                if matcher is not None:  # llama.cpp's own buffer, which the chain reads
+                    matcher.mask(as_array(logits_at(ctx, -1), shape=(matcher.size,)))
                 token = sample(sampler, ctx, -1)
                 if matcher is not None:
                     matcher.consume(token)
@@ -326,15 +327,6 @@ class LlamaEngine(TokenEngine):
             lib.llama_sampler_free(sampler)
             if self.auto_threads:
                 self._idle_since = sample_cpu()
-
-    def _mask_logits(self, matcher: Matcher) -> None:
-        """-inf, in llama.cpp's own buffer, for every token the matcher does not allow:
-        the sampler chain then reads the masked logits."""
-        import numpy as np
-
-        pointer = self.lib.llama_get_logits_ith(self.ctx, -1)
-        logits = np.ctypeslib.as_array(pointer, shape=(matcher.size,))
-        logits[~matcher.allowed()] = -np.inf
 
     def close(self) -> None:
         if getattr(self, "ctx", None):

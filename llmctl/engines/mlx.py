@@ -88,7 +88,6 @@ class MlxEngine(TokenEngine):
         self.vocabulary = hf.vocabulary(config)
         self.eos_ids = set(self.tokenizer.eos_token_ids)
         self._prompt_cache: list[Any] | None = None  # made by the first reply
-        self._lltokenizer: Any = None  # made at the first constrained reply
         self._warm_up()
         self.load_seconds = time.perf_counter() - started
 
@@ -158,11 +157,9 @@ class MlxEngine(TokenEngine):
         return self._prompt_cache[0].offset if self._prompt_cache else 0
 
     def _output_tokenizer(self) -> Any:
-        if self._lltokenizer is None:
-            from llmctl.engines.constraint import hf_tokenizer
+        from llmctl.engines.constraint import hf_tokenizer
 
-            self._lltokenizer = hf_tokenizer(self.tokenizer._tokenizer)
-        return self._lltokenizer
+        return hf_tokenizer(self.tokenizer._tokenizer)
 
     def _vocabulary_size(self) -> int:
         return self.vocabulary or len(self.tokenizer._tokenizer)

@@ -310,6 +310,7 @@ class TokenEngine(ABC):
     parameters: int | None = None
     # The tokens the engine's KV cache holds, in order, as the last reply left it.
     _cached: tuple[int, ...] = ()
+    _lltokenizer: Any = None  # llguidance's view of the vocabulary, once needed
 
     @property
     @abstractmethod
@@ -346,8 +347,8 @@ class TokenEngine(ABC):
         """Whether `token` ends the reply (end of turn, end of text)."""
 
     def _output_tokenizer(self) -> Any:
-        """The vocabulary as llguidance reads it (made once per model: about 0.4 s), for
-        constrained output. Engines that cannot mask their logits keep this refusal."""
+        """The vocabulary as llguidance reads it, for constrained output. Engines that
+        cannot mask their logits keep this refusal."""
         raise UsageError(f"the {self.name} engine cannot constrain its output to JSON",
                          hint="use the llama or mlx engine")
 
@@ -357,7 +358,10 @@ class TokenEngine(ABC):
     def _matcher(self, output: OutputFormat) -> Matcher:
         from llmctl.engines.constraint import Matcher
 
-        return Matcher(self._output_tokenizer(), output, self._vocabulary_size())
+        # Reading the vocabulary takes about 0.4 s: once per loaded model.
+        if self._lltokenizer is None:
+            self._lltokenizer = self._output_tokenizer()
+        return Matcher(self._lltokenizer, output, self._vocabulary_size())
 
     def _trim_cache(self, keep: int) -> int:
         """Keep the first `keep` tokens of the KV cache and drop the rest (all of it for
