@@ -18,15 +18,17 @@ current tree's package in the working directory first.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
-import random
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from repetitions import shuffled
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -84,19 +86,14 @@ def measure(runs: int, home: Path) -> dict[str, list[float]]:
         assert result.returncode == 0, (name, result.stderr)
         if "pass" not in name:
             assert "smollm2:135m" in result.stdout, (name, result.stdout[:500])
-    samples: dict[str, list[float]] = {name: [] for name in table}
-    order = list(table)
-    shuffle = random.Random(0).shuffle
-    for _ in range(runs):
-        shuffle(order)
-        for name in order:
-            command, env = table[name]
-            started = time.perf_counter()
-            # No timeout: with one, subprocess polls the child with sleeps of up to 50 ms,
-            # which would be measured too.
-            subprocess.run(command, env=env, stdout=subprocess.DEVNULL, check=True, cwd=WORK)
-            samples[name].append((time.perf_counter() - started) * 1000)
-    return samples
+    def timed(command: list[str], env: dict[str, str]) -> float:
+        started = time.perf_counter()
+        # No timeout: with one, subprocess polls the child with sleeps of up to 50 ms,
+        # which would be measured too.
+        subprocess.run(command, env=env, stdout=subprocess.DEVNULL, check=True, cwd=WORK)
+        return (time.perf_counter() - started) * 1000
+
+    return shuffled({name: functools.partial(timed, *table[name]) for name in table}, runs)
 
 
 def main() -> None:

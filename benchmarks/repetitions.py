@@ -1,5 +1,5 @@
-"""What generation.py and mlx_generation.py share: run every tool once per repetition in
-a shuffled order, and rows of best and median against a baseline tool."""
+"""What the benchmark scripts share: run every tool once per repetition in a shuffled
+order, and rows of best and median against a baseline tool."""
 
 from __future__ import annotations
 
@@ -7,25 +7,31 @@ import random
 import statistics
 import sys
 from collections.abc import Callable
+from typing import TypeVar
 
 KEYS = ("pp", "tg")
+T = TypeVar("T")
 Samples = dict[str, dict[str, list[float]]]
 
 
-def run_shuffled(tools: dict[str, Callable[[], dict[str, float]]], reps: int) -> Samples:
-    """tokens/s per tool and key; a fixed-seed shuffle per repetition, so that no tool
-    always runs first (or right after a given other one)."""
-    samples: Samples = {t: {k: [] for k in KEYS} for t in tools}
+def shuffled(tools: dict[str, Callable[[], T]], reps: int) -> dict[str, list[T]]:
+    """Each tool's results, one per repetition; a fixed-seed shuffle per repetition, so
+    that no tool always runs first (or right after a given other one)."""
+    results: dict[str, list[T]] = {t: [] for t in tools}
     order = list(tools)
     shuffle = random.Random(0).shuffle
     for rep in range(reps):
         shuffle(order)
         for name in order:
-            result = tools[name]()
-            for key in KEYS:
-                samples[name][key].append(result[key])
+            results[name].append(tools[name]())
         print(f"repetition {rep + 1}/{reps} done", file=sys.stderr)
-    return samples
+    return results
+
+
+def run_shuffled(tools: dict[str, Callable[[], dict[str, float]]], reps: int) -> Samples:
+    """tokens/s per tool and key (pp, tg), the tools run as `shuffled` runs them."""
+    results = shuffled(tools, reps)
+    return {t: {k: [r[k] for r in results[t]] for k in KEYS} for t in tools}
 
 
 def ratio_rows(samples: Samples, baseline: str, digits: int) -> list[dict[str, object]]:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import statistics
 import subprocess
 import sys
@@ -114,15 +113,10 @@ def gbnf_tools(model: Path, threads: int) -> dict:
 
 
 def measure(tools: dict, reps: int) -> dict[str, float]:
-    samples: dict[str, list[float]] = {name: [] for name in tools}
-    order = list(tools)
-    shuffle = random.Random(0).shuffle
-    for rep in range(reps):
-        shuffle(order)
-        for name in order:
-            samples[name].append(tools[name]())
-        print(f"repetition {rep + 1}/{reps}", file=sys.stderr)
-    return {name: statistics.median(values) for name, values in samples.items()}
+    from repetitions import shuffled
+
+    return {name: statistics.median(values)
+            for name, values in shuffled(tools, reps).items()}
 
 
 def main() -> None:
