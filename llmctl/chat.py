@@ -6,6 +6,11 @@
 A conversation keeps every turn; what goes to the model is the system prompt plus the
 newest turns that leave room for the reply in the context. Turns left out stay left out
 for the rest of the session (the note about them is given once), and stay in the file.
+
+The engine's KV cache is kept between turns: each reply processes only what changed since
+the last (`generate_from_tokens(keep_cache=True)`), and gives the same reply as processing
+the whole conversation would. When the session ends, the cache is saved with the
+conversation (`store.caches`), so that `--resume` does not process the history again.
 """
 
 from __future__ import annotations
@@ -28,7 +33,9 @@ from llmctl.engines.text import (
     Token,
 )
 from llmctl.errors import AmbiguousReference, InvalidName, StoreWarning, UsageError
-from llmctl.store.layout import path_part, write_atomically
+from llmctl.loader import CacheUse, OnNote, Opened, restore_cache, save_cache
+from llmctl.store.caches import conversation_cache
+from llmctl.store.layout import StoreLayout, path_part, write_atomically
 
 SCHEMA_VERSION = 1
 BLOCK = '"""'  # starts and ends a multi-line message, as in Ollama
@@ -232,11 +239,13 @@ class ChatSession:
     when the reply is interrupted too, as far as it got, since that is what was shown."""
 
     def __init__(self, engine: TextEngine, conversation: Conversation,
-                 options: GenerationOptions, store: ConversationStore | None = None):
+                 options: GenerationOptions, store: ConversationStore | None = None,
+                 keep_cache: bool = True):
         self.engine = engine
         self.conversation = conversation
         self.options = options
         self.store = store
+        self.keep_cache = keep_cache  # reuse the KV cache of the turns before
         self.skipped = 0  # leading turns left out of the context
         self.last_stats: Stats | None = None  # the last reply's, for /stats
 
@@ -281,7 +290,9 @@ class ChatSession:
             yield trimmed
         parts: list[str] = []
         kept = False
-        events = self.engine.generate(self._messages(user), self.options)
+        engine = self.engine
+        events = engine.generate_from_tokens(engine.prompt_tokens(self._messages(user)),
+                                             self.options, keep_cache=self.keep_cache)
         try:
             for event in events:
                 if isinstance(event, Token):
@@ -300,6 +311,37 @@ class ChatSession:
     def _keep(self, user: str, parts: list[str]) -> None:
         self.conversation.add_turn(user, "".join(parts))
         self.save()
+
+
+@dataclass(frozen=True)
+class SessionCache:
+    """Where a chat session's KV cache is loaded from and saved to: the file the user
+    named (`--prompt-cache`), else the conversation's own in the store (stored models
+    only; none with `--no-cache`)."""
+
+    opened: Opened[TextEngine]
+    layout: StoreLayout
+    file: Path | None = None
+    read_only: bool = False
+    enabled: bool = True
+
+    def path(self, conversation: Conversation) -> Path | None:
+        if self.file is not None or not self.enabled:
+            return self.file
+        manifest = self.opened.model.manifest
+        if manifest is None:
+            return None
+        return conversation_cache(self.layout, manifest.id, conversation.id)
+
+    def restore(self, conversation: Conversation, on_note: OnNote) -> CacheUse | None:
+        path = self.path(conversation)
+        return restore_cache(self.opened, path, on_note) if path else None
+
+    def save(self, conversation: Conversation, on_note: OnNote) -> CacheUse | None:
+        path = self.path(conversation)
+        if path is None or self.read_only or not conversation.turns:
+            return None
+        return save_cache(self.opened, path, on_note=on_note)
 
 
 # -- slash commands -----------------------------------------------------------------------

@@ -15,9 +15,11 @@ engine spec, the loaded engine, the memory check and the catalog's default param
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Generic, Literal, TypeVar
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
 from llmctl.engines import registry
 from llmctl.engines.image import ImageEngine, ImageLoadOptions
@@ -39,6 +41,9 @@ from llmctl.store.names import Reference
 from llmctl.store.register import OnEvent, no_events
 from llmctl.store.resolve import Runnable, runnable
 from llmctl.units import format_bytes
+
+if TYPE_CHECKING:
+    from llmctl.engines.prompt_cache import CacheIdentity
 
 E = TypeVar("E")
 
@@ -127,3 +132,71 @@ def _warn_if_forced(target: Runnable, check: MemoryCheck, on_note: OnNote) -> No
                      f"{format_bytes(check.estimate.total)}, have "
                      f"{format_bytes(check.allowed or 0)}); loading anyway (--force)",
                      "warning"))
+
+
+# -- prompt caches on disk (run --prompt-cache, chat's conversation caches) ---------------
+
+
+@dataclass(frozen=True)
+class CacheUse:
+    """What a prompt cache file did for a reply: `--json`'s "prompt_cache"."""
+
+    file: Path
+    loaded_tokens: int = 0
+    load_seconds: float = 0.0
+    saved: bool = False
+    tokens: tuple[int, ...] = field(default=(), repr=False)  # the ones loaded
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"file": str(self.file), "loaded_tokens": self.loaded_tokens,
+                "load_seconds": round(self.load_seconds, 4), "saved": self.saved}
+
+
+def cache_identity(opened: Opened[TextEngine]) -> CacheIdentity:
+    """What a cache for this model and engine must have been made by: the stored model's
+    digest; for a model run by path, the path with its files' sizes and times."""
+    from llmctl.engines.prompt_cache import CacheIdentity
+
+    model = opened.model
+    if model.manifest is not None:
+        key = model.manifest.digest
+    else:
+        path = model.path.resolve()
+        files = sorted(path.rglob("*")) if path.is_dir() else [path]
+        key = "path:" + str(path) + "".join(
+            f":{f.name}:{st.st_size}:{st.st_mtime_ns}" for f in files
+            if f.is_file() and (st := f.stat()))
+    return CacheIdentity(key, opened.spec.name, opened.engine.context_length)
+
+
+def restore_cache(opened: Opened[TextEngine], path: Path, on_note: OnNote = no_notes
+                  ) -> CacheUse:
+    """Load the prompt cache at `path` into the engine, for the next reply to start from.
+    A missing file is simply no cache yet; one made by something else, or damaged, is
+    noted and left alone."""
+    from llmctl.engines.prompt_cache import CacheRefused
+
+    if not path.exists():
+        return CacheUse(path)
+    started = time.perf_counter()
+    try:
+        tokens = opened.engine.load_cache(path, cache_identity(opened))
+    except CacheRefused as exc:
+        on_note(Note(str(exc)))
+        return CacheUse(path)
+    return CacheUse(path, len(tokens), time.perf_counter() - started, tokens=tuple(tokens))
+
+
+def save_cache(opened: Opened[TextEngine], path: Path, use: CacheUse | None = None,
+               on_note: OnNote = no_notes) -> CacheUse:
+    """Save the engine's cached prompt to `path` (atomically). A cache that cannot be
+    written (a full disk, a read-only folder) is a warning: the reply is done already."""
+    use = use or CacheUse(path)
+    if use.tokens and use.tokens == tuple(opened.engine.cached_prefix()):
+        return use  # the file holds these tokens already
+    try:
+        opened.engine.save_cache(path, cache_identity(opened))
+    except OSError as exc:
+        on_note(Note(f"prompt cache {path} not saved: {exc.strerror or exc}", "warning"))
+        return use
+    return replace(use, saved=True)

@@ -256,7 +256,9 @@ def _prompt_test(engine: TextEngine, base: Result, name: str, run: Context) -> l
 
 def _generate(engine: TextEngine, tokens: list[int], options: GenerationOptions,
               keep_cache: bool = False) -> Stats:
-    for event in engine.generate_from_tokens(tokens, options, keep_cache=keep_cache):
+    # The whole depth is kept: a test after a context of D tokens, not an exact reply.
+    for event in engine.generate_from_tokens(tokens, options, keep_cache=keep_cache,
+                                             exact=False):
         if isinstance(event, Done):
             return event.stats
     raise EngineFailure(f"the {engine.name} engine ended a reply without its statistics")

@@ -16,6 +16,8 @@ from llmctl.cli.options import (
     JsonOpt,
     JsonSchemaOpt,
     MaxTokensOpt,
+    PromptCacheOpt,
+    PromptCacheRoOpt,
     SeedOpt,
     StopOpt,
     SystemFileOpt,
@@ -58,6 +60,11 @@ def chat(
     threads: ThreadsOpt = None,
     engine: EngineOpt = None,
     gpu_layers: GpuLayersOpt = None,
+    prompt_cache: PromptCacheOpt = None,
+    prompt_cache_ro: PromptCacheRoOpt = False,
+    no_cache: Annotated[bool, typer.Option(
+        "--no-cache", help="Process the whole conversation for every reply, and save no "
+        "cache with it.")] = False,
     json: JsonOpt = False,
     verbose: VerboseOpt = False,
     force: ForceOpt = False,
@@ -73,6 +80,10 @@ def chat(
     Piped input is read as UTF-8 (other bytes become U+FFFD); a closed stdin is a usage
     error (exit 2), as there is nothing to answer.
 
+    The model's KV cache is kept between turns, so each reply processes only the new
+    message (the reply is the same as without the cache; --no-cache turns it off). When
+    the session ends it is saved with the conversation, and --resume loads it.
+
     Examples:
 
     \b
@@ -85,9 +96,15 @@ def chat(
         llmctl chat --resume 3f2a
     """
     from llmctl import loader
-    from llmctl.chat import ChatSession, Conversation, ConversationStore
+    from llmctl.chat import ChatSession, Conversation, ConversationStore, SessionCache
     from llmctl.cli.chat_session import interactive
-    from llmctl.cli.options import open_store, output_format, parse_gpu_layers, system_prompt
+    from llmctl.cli.options import (
+        open_store,
+        output_format,
+        parse_gpu_layers,
+        prompt_cache_file,
+        system_prompt,
+    )
     from llmctl.engines.text import GenerationOptions, LoadOptions
     from llmctl.errors import UsageError
     from llmctl.store.layout import StoreLayout
@@ -105,6 +122,10 @@ def chat(
                                 max_tokens=max_tokens, stop=tuple(stop or ()),
                                 output=output).validate()
     system = system_prompt(system, system_file)
+    cache_file = prompt_cache_file(prompt_cache, prompt_cache_ro)
+    if no_cache and cache_file:
+        raise UsageError("--no-cache and --prompt-cache ask for opposite things",
+                         hint="leave out one of them")
     if sys.stdin is None:  # `llmctl chat MODEL <&-`: no terminal and no messages
         raise UsageError("stdin is closed, so there are no messages to answer",
                          hint="pipe them in (printf 'Hi\\n' | llmctl chat MODEL) or run chat "
@@ -114,8 +135,9 @@ def chat(
     if not model:
         raise UsageError("no model given", hint="llmctl chat MODEL, or --resume ID")
     ref = parse_reference(model)
+    layout, catalog = open_store()
     with out.progress() as report:
-        opened = loader.open_text(ref, *open_store(), engine=engine,
+        opened = loader.open_text(ref, layout, catalog, engine=engine,
                                   options=LoadOptions(ctx, threads, parse_gpu_layers(gpu_layers)),
                                   force=force,
                                   on_event=report, on_note=out.note)
@@ -123,12 +145,18 @@ def chat(
     conversation = conversation or Conversation(name)
     conversation.model = name
     conversation.system = system or conversation.system
-    session = ChatSession(opened.engine, conversation, options, store)
+    session = ChatSession(opened.engine, conversation, options, store,
+                          keep_cache=not no_cache)
+    kv = SessionCache(opened, layout, cache_file, prompt_cache_ro, enabled=not no_cache)
+    if cache_file or resume:
+        kv.restore(conversation, out.note)
     meta = {"model": name, "engine": opened.spec.name, "backend": opened.engine.backend,
             "gpu_layers": opened.engine.gpu_layers}
     if not sys.stdin.isatty():
-        return _piped(out, session, meta, verbose)
-    interactive(out, session, verbose, resumed=resume is not None)
+        _piped(out, session, meta, verbose)
+    else:
+        interactive(out, session, verbose, resumed=resume is not None)
+    kv.save(session.conversation, out.note)
 
 
 def _list(out: Output, store: ConversationStore, model: str | None) -> None:

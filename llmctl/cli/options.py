@@ -96,6 +96,21 @@ SystemFileOpt = Annotated[Path | None, typer.Option(
 FileOpt = Annotated[list[Path] | None, typer.Option(
     "--file", "-f", metavar="FILE", help="Prompt text from FILE, after piped stdin and "
     "before PROMPT; repeat for more.", show_default=False, dir_okay=False)]
+PromptCacheOpt = Annotated[Path | None, typer.Option(
+    "--prompt-cache", metavar="FILE", help="Load the prompt's KV state from FILE when it "
+    "starts with the same tokens (only the rest is processed), and save it there after.",
+    show_default=False, dir_okay=False)]
+PromptCacheRoOpt = Annotated[bool, typer.Option(
+    "--prompt-cache-ro", help="Load --prompt-cache FILE without updating it.")]
+
+
+def prompt_cache_file(path: Path | None, read_only: bool) -> Path | None:
+    from llmctl.errors import UsageError
+
+    if read_only and path is None:
+        raise UsageError("--prompt-cache-ro goes with --prompt-cache FILE",
+                         hint="e.g. --prompt-cache doc.kv --prompt-cache-ro")
+    return path
 
 
 GpuLayersOpt = Annotated[str | None, typer.Option(

@@ -195,7 +195,9 @@ class Output:
         CPUs busy) and where it computed (the backend, the layers offloaded to a GPU)."""
         self.info(
             f"load duration:     {stats.load_seconds:.2f}s\n"
-            f"prompt eval count: {stats.prompt_tokens} token(s)\n"
+            f"prompt eval count: {stats.prompt_tokens} token(s)"
+            + (f", {stats.cached_tokens} from the cache, {stats.processed_tokens} processed"
+               if stats.cached_tokens else "") + "\n"
             f"prompt eval rate:  {stats.prompt_tokens_per_second:.2f} tokens/s\n"
             f"first token after: {stats.prompt_seconds:.2f}s\n"
             f"eval count:        {stats.generated_tokens} token(s)\n"

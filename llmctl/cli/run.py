@@ -17,6 +17,8 @@ from llmctl.cli.options import (
     JsonSchemaOpt,
     MaxTokensOpt,
     ModelArg,
+    PromptCacheOpt,
+    PromptCacheRoOpt,
     SeedOpt,
     StopOpt,
     SystemFileOpt,
@@ -52,6 +54,8 @@ def run(
     threads: ThreadsOpt = None,
     engine: EngineOpt = None,
     gpu_layers: GpuLayersOpt = None,
+    prompt_cache: PromptCacheOpt = None,
+    prompt_cache_ro: PromptCacheRoOpt = False,
     json: JsonOpt = False,
     verbose: VerboseOpt = False,
     force: ForceOpt = False,
@@ -77,12 +81,14 @@ def run(
         llmctl run smollm2 --raw --stop "\n\n" "The three primary colours are"
         llmctl run smollm2 --format json "List three colours as a JSON array." | jq .
         llmctl run smollm2 --json-schema person.json "Invent a person."
+        llmctl run smollm2 -f manual.md --prompt-cache manual.kv "How do I reset it?"
     """
     from llmctl import loader
     from llmctl.cli.options import (
         open_store,
         output_format,
         parse_gpu_layers,
+        prompt_cache_file,
         read_prompt,
         system_prompt,
     )
@@ -96,6 +102,7 @@ def run(
                                 max_tokens=max_tokens, stop=tuple(stop or ()),
                                 output=output).validate()
     system = system_prompt(system, system_file)
+    cache_file = prompt_cache_file(prompt_cache, prompt_cache_ro)
     if raw and system is not None:
         raise UsageError("--raw sends the prompt without the chat template, which is where "
                          "a system prompt goes", hint="leave out --raw or the system prompt")
@@ -107,8 +114,10 @@ def run(
                                   force=force,
                                   on_event=report, on_note=out.note)
     messages = ([Message("system", system)] if system else []) + [Message("user", text)]
-    events = (opened.engine.generate_from_tokens(opened.engine.text_tokens(text), options)
-              if raw else opened.engine.generate(messages, options))
+    tokens = (opened.engine.text_tokens(text) if raw
+              else opened.engine.prompt_tokens(messages))
+    cache = loader.restore_cache(opened, cache_file, out.note) if cache_file else None
+    events = opened.engine.generate_from_tokens(tokens, options, keep_cache=bool(cache))
     parts: list[str] = []
     try:
         for event in events:
@@ -122,9 +131,13 @@ def run(
         events.close()
         out.reply_stopped()  # leave the shell prompt on a line of its own
         raise
+    if cache and not prompt_cache_ro:
+        cache = loader.save_cache(opened, cache.file, cache, out.note)
     record = {"model": opened.model.name, "engine": opened.spec.name,
               "backend": opened.engine.backend, "gpu_layers": opened.engine.gpu_layers,
               **stats.to_dict()}
+    if cache:
+        record["prompt_cache"] = cache.to_dict()
     if output is not None:  # whole and valid: the constraint saw to it
         import json as json_module
 

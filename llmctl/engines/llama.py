@@ -37,6 +37,13 @@ if TYPE_CHECKING:
 
 MAX_BATCH = 2048
 PIECE_BUFFER = 256
+# llama.cpp's CPU kernels compute a batch of fewer tokens than this another way than a
+# larger one (a single-token decode, as every generated token is, differs from the same
+# token processed in a prompt by up to 0.5 in a logit with SmolLM2), while batches of this
+# many or more give the same numbers bit for bit however the prompt is split (measured on
+# 1..100-token remainders: 63 differ, 64 do not; tests/test_prompt_cache.py keeps checking
+# it). A cached prefix is reused only where that keeps a reply as without the cache.
+SAME_RESULT_BATCH = 64
 # With the default thread count, a reply that starts this long after the last one ended
 # (a person typing in `chat`) first looks again at what other processes keep busy: over
 # the pause, or over a fresh tenth of a second when the pause is older than RECENT.
@@ -152,6 +159,8 @@ class LlamaEngine(TokenEngine):
         # fit what was asked, and what is reported is what is used.
         self.n_ctx = min(n_ctx, lib.llama_n_ctx(self.ctx))
         self.n_batch = ctx_params.n_batch
+        self.n_ubatch = lib.llama_n_ubatch(self.ctx)
+        self._batched = 0  # leading cache positions processed in batches of the same kind
         self.threads = threads
         self.parameters = lib.llama_model_n_params(self.model)
         layers = lib.llama_model_n_layer(self.model)
@@ -281,6 +290,50 @@ class LlamaEngine(TokenEngine):
     def _cache_length(self) -> int:
         return self.lib.llama_memory_seq_pos_max(self.lib.llama_get_memory(self.ctx), 0) + 1
 
+    def _exact_length(self) -> int:
+        return min(self._batched, self._prompt_length)
+
+    def _exact_keep(self, keep: int, total: int) -> int:
+        """Processing a whole prompt, llama.cpp computes it in micro-batches of n_ubatch
+        tokens from position 0, the last one shorter. A kept prefix is exact when every
+        micro-batch the rest is processed in (split at the same positions) is of the
+        same kind as the whole prompt's there: both SAME_RESULT_BATCH tokens or more, or
+        the very same batch."""
+        size, least = self.n_ubatch, SAME_RESULT_BATCH
+        last = (total - 1) // size * size  # where the whole prompt's last batch starts
+        if total - last < least:  # a short last batch: processed again, as it was
+            keep = min(keep, last)
+        end = min((keep // size + 1) * size, total)  # the batch `keep` falls in
+        if 0 < end - keep < least:
+            keep = end - least
+        return max(keep, 0)
+
+    def _write_state(self, path: Path, header: dict[str, Any]) -> None:
+        from llmctl.engines.prompt_cache import write_container
+
+        lib = self.lib
+        size = lib.llama_state_seq_get_size(self.ctx, 0)
+        buffer = (ctypes.c_uint8 * size)()
+        written = lib.llama_state_seq_get_data(self.ctx, buffer, size, 0)
+        if written == 0 and size:
+            raise EngineFailure(f"llama.cpp could not copy its KV cache{_llama_said()}")
+        write_container(path, header, memoryview(buffer)[:written])
+
+    def _read_state(self, path: Path, header: dict[str, Any]) -> int:
+        from llmctl.engines.prompt_cache import CacheRefused, read_payload
+
+        payload = read_payload(path, header)
+        lib = self.lib
+        self._trim_cache(0)
+        buffer = (ctypes.c_uint8 * len(payload)).from_buffer_copy(payload)
+        if lib.llama_state_seq_set_data(self.ctx, buffer, len(payload), 0) == 0:
+            self._trim_cache(0)
+            raise CacheRefused(f"prompt cache {path} not used: llama.cpp could not restore "
+                               f"it{_llama_said()}")
+        # Saved from prompt processing only (`cached_prefix`): exact as processed.
+        self._batched = self._cache_length()
+        return self._batched
+
     def _output_tokenizer(self) -> Any:
         from llmctl.engines.constraint import llama_tokenizer
 
@@ -296,9 +349,11 @@ class LlamaEngine(TokenEngine):
 
     def _sample_and_decode(self, tokens: list[int], options: GenerationOptions,
                            matcher: Matcher | None) -> Generator[int, None, None]:
-        """The C API loop: the prompt in batches of n_batch, then per token one sample and
+        """The C API loop: the prompt in micro-batches, then per token one sample and
         one single-token decode into a batch made once, with no Python copy of the logits."""
         lib, ctx = self.lib, self.ctx
+        start = self._cache_length()
+        self._batched = min(self._batched, start)
         sampler = self._sampler(options)
         step = (lib.llama_token * 1)()
         step_batch = lib.llama_batch_get_one(step, 1)
@@ -308,9 +363,15 @@ class LlamaEngine(TokenEngine):
 
             as_array, logits_at = np.ctypeslib.as_array, lib.llama_get_logits_ith
         try:
-            for start in range(0, len(tokens), self.n_batch):
-                chunk = tokens[start:start + self.n_batch]
+            # In micro-batches at the positions processing the whole prompt uses.
+            position, end, size = start, start + len(tokens), self.n_ubatch
+            while position < end:
+                stop = min((position // size + 1) * size, end)
+                chunk = tokens[position - start:stop - start]
                 self._decode((lib.llama_token * len(chunk))(*chunk), len(chunk))
+                if self._batched == position and len(chunk) >= SAME_RESULT_BATCH:
+                    self._batched = stop
+                position = stop
             while True:
                 if matcher is not None:  # llama.cpp's own buffer, which the chain reads
                     matcher.mask(as_array(logits_at(ctx, -1), shape=(matcher.size,)))

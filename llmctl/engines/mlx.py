@@ -156,6 +156,26 @@ class MlxEngine(TokenEngine):
     def _cache_length(self) -> int:
         return self._prompt_cache[0].offset if self._prompt_cache else 0
 
+    def _write_state(self, path: Path, header: dict[str, Any]) -> None:
+        import json
+
+        from llmctl.engines.prompt_cache import HEADER_KEY
+
+        cache = self._prompt_cache or self.lib.cache.make_prompt_cache(self.model)
+        self.lib.cache.save_prompt_cache(str(path), cache, {HEADER_KEY: json.dumps(header)})
+
+    def _read_state(self, path: Path, header: dict[str, Any]) -> int:
+        self._prompt_cache = None
+        self._trim_cache(0)
+        loaded = self.lib.cache.load_prompt_cache(str(path))
+        if len(loaded) != len(self._prompt_cache):
+            from llmctl.engines.prompt_cache import CacheRefused
+
+            raise CacheRefused(f"prompt cache {path} not used: it has {len(loaded)} layers, "
+                               f"the model {len(self._prompt_cache)}")
+        self._prompt_cache = loaded
+        return self._cache_length()
+
     def _output_tokenizer(self) -> Any:
         from llmctl.engines.constraint import hf_tokenizer
 

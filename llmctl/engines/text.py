@@ -12,8 +12,12 @@ the options and context checks, the token budget, the seed, the leading-space st
 `Token` per token, what the cache holds, the timing and the `Done` statistics.
 
 With `keep_cache=True` a reply starts from the longest prefix of its tokens that the cache
-still holds from the reply before, and processes only the rest (`bench -d` measures a test
-after a context filled that way; `Stats.cached_tokens` says how many were reused).
+still holds from the reply before, and processes only the rest (`Stats.cached_tokens` says
+how many were reused). By default the prefix kept is one whose cached state is exactly what
+processing the whole prompt would have computed (`_exact_keep`), so that the reply is the
+same, token for token at temperature 0, as without the cache (chat, `--prompt-cache`);
+`exact=False` keeps the whole common prefix (`bench -d` measures a test after a context
+filled that way).
 
 Import-light (no numpy, no engine library): `run --help` and the option checks use it.
 """
@@ -33,7 +37,10 @@ from llmctl import host
 from llmctl.errors import EngineFailure, UsageError
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from llmctl.engines.constraint import Matcher, OutputFormat
+    from llmctl.engines.prompt_cache import CacheIdentity
 
 Role = Literal["system", "user", "assistant"]
 StopReason = Literal["stop", "stop_sequence", "length", "interrupted"]
@@ -195,6 +202,7 @@ class Stats:
 
     def to_dict(self) -> dict[str, object]:
         data = asdict(self)
+        data["processed_tokens"] = self.processed_tokens
         data["prompt_tokens_per_second"] = round(self.prompt_tokens_per_second, 2)
         data["generate_tokens_per_second"] = round(self.generate_tokens_per_second, 2)
         return data
@@ -262,10 +270,26 @@ class TextEngine(Protocol):
         ...
 
     def generate_from_tokens(self, tokens: list[int], options: GenerationOptions, *,
-                             keep_cache: bool = False) -> Iterator[Event]:
+                             keep_cache: bool = False, exact: bool = True
+                             ) -> Iterator[Event]:
         """Stream the continuation of `tokens` as they are (benchmarks time this). With
         `keep_cache`, the prefix the cache holds from the reply before is not processed
-        again."""
+        again (with `exact`, only as far as the reply stays the same as without it)."""
+        ...
+
+    def cached_prefix(self) -> list[int]:
+        """The leading tokens the KV cache holds exactly as processing them as one prompt
+        would: what a saved prompt cache keeps."""
+        ...
+
+    def save_cache(self, path: Path, identity: CacheIdentity) -> int:
+        """Write `cached_prefix()`'s state to `path` (atomically); the tokens written."""
+        ...
+
+    def load_cache(self, path: Path, identity: CacheIdentity) -> int:
+        """Restore a state `save_cache` wrote, for the next reply to start from; the tokens
+        restored. CacheRefused (with the reason) for a file made by another model, engine,
+        context or version, or one that is damaged: the cache is then left empty."""
         ...
 
     def close(self) -> None: ...
@@ -308,8 +332,10 @@ class TokenEngine(ABC):
     backend: str = "CPU"
     gpu_layers: int = 0  # layers the engine runs on a GPU (llama.cpp's offload)
     parameters: int | None = None
-    # The tokens the engine's KV cache holds, in order, as the last reply left it.
+    # The tokens the engine's KV cache holds, in order, as the last reply left it, and
+    # how many of them (from the start) were processed as prompt.
     _cached: tuple[int, ...] = ()
+    _prompt_length: int = 0
     _lltokenizer: Any = None  # llguidance's view of the vocabulary, once needed
 
     @property
@@ -373,6 +399,49 @@ class TokenEngine(ABC):
         """How many tokens the KV cache holds now."""
         return 0
 
+    def _exact_keep(self, keep: int, total: int) -> int:
+        """The longest prefix, at most `keep` of a prompt of `total` tokens, whose cached
+        state is what processing the whole prompt computes. Engines whose results do not
+        depend on how the prompt is split into batches keep this default (MLX on the CPU:
+        measured bit for bit in tests/test_prompt_cache.py)."""
+        return keep
+
+    def _exact_length(self) -> int:
+        """How many leading cached tokens `_exact_keep` may keep: those processed as part
+        of a prompt, not decoded one at a time as a reply was generated."""
+        return self._prompt_length
+
+    def _write_state(self, path: Path, header: dict[str, str]) -> None:
+        """Write the KV cache (cut to `cached_prefix()`) with `header`, to `path`."""
+        raise UsageError(f"the {self.name} engine cannot save its KV cache",
+                         hint="leave out --prompt-cache")
+
+    def _read_state(self, path: Path, identity: CacheIdentity) -> int:
+        """Restore a cache `_write_state` wrote, once `identity` accepts its header."""
+        raise UsageError(f"the {self.name} engine cannot load a KV cache",
+                         hint="leave out --prompt-cache")
+
+    def cached_prefix(self) -> list[int]:
+        return list(self._cached[:self._exact_length()])
+
+    def save_cache(self, path: Path, identity: CacheIdentity) -> int:
+        from llmctl.engines import prompt_cache
+
+        tokens = self.cached_prefix()
+        self._trim_cache(len(tokens))
+        self._cached = tuple(tokens[:self._cache_length()])
+        prompt_cache.write(path, lambda tmp, header: self._write_state(tmp, header),
+                           identity, self._cached)
+        return len(self._cached)
+
+    def load_cache(self, path: Path, identity: CacheIdentity) -> int:
+        from llmctl.engines import prompt_cache
+
+        self._cached, self._prompt_length = (), 0
+        tokens = prompt_cache.read(path, identity, self._read_state)
+        self._cached, self._prompt_length = tuple(tokens), len(tokens)
+        return len(tokens)
+
     def _peak_memory(self) -> int:
         """The peak memory reported in the reply's statistics."""
         return host.peak_memory_bytes()
@@ -387,7 +456,8 @@ class TokenEngine(ABC):
         yield from self.generate_from_tokens(self.prompt_tokens(messages), options)
 
     def generate_from_tokens(self, tokens: list[int], options: GenerationOptions, *,
-                             keep_cache: bool = False) -> Iterator[Event]:
+                             keep_cache: bool = False, exact: bool = True
+                             ) -> Iterator[Event]:
         """The one generation loop. Per token it adds only a clock read, the end test and
         the detokenizer's call to the engine's own step (llama.cpp's runs at llama-bench's
         speed through it: README, performance table)."""
@@ -409,8 +479,10 @@ class TokenEngine(ABC):
             options = replace(options, seed=secrets.randbelow(MAX_SEED + 1))
         # The last prompt token is always processed: its logits give the first token.
         keep = _common_prefix(self._cached, tokens, len(tokens) - 1) if keep_cache else 0
+        if keep and exact:
+            keep = self._exact_keep(min(keep, self._exact_length()), len(tokens))
         kept = self._trim_cache(keep)
-        self._cached = ()  # unknown until the stream has ended
+        self._cached, self._prompt_length = (), 0  # unknown until the stream has ended
         detokenizer = self._detokenizer()
         add, is_end = detokenizer.add, self._is_end
         stop_on_end = not options.ignore_eos
@@ -455,6 +527,7 @@ class TokenEngine(ABC):
             steps.close()
             # The cache holds the prompt and the sampled tokens the engine has decoded.
             self._cached = (*tokens, *sampled)[:self._cache_length()]
+            self._prompt_length = min(len(tokens), len(self._cached))
         tail = detokenizer.flush() if stop_reason != "stop_sequence" else ""
         tail = held + (tail.lstrip() if leading else tail)
         if stops and tail:  # a stop sequence completed by the last, unfinished character

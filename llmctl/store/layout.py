@@ -119,6 +119,11 @@ class StoreLayout:
         return self.root / "bench" / "history.db"
 
     @property
+    def caches(self) -> Path:
+        """Saved prompt caches, one folder per model (store.caches)."""
+        return self.root / "caches"
+
+    @property
     def tmp(self) -> Path:
         return self.root / "tmp"
 

@@ -1,5 +1,5 @@
-"""Removing models: what `rm` deletes (the models, and the blobs only they used), and
-`rm --broken` (unreadable manifests, blobs no model names)."""
+"""Removing models: what `rm` deletes (the models, the blobs only they used and the prompt
+caches they made), and `rm --broken` (unreadable manifests, blobs no model names)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from llmctl.errors import StoreWarning
 from llmctl.store import manifest as manifests
 from llmctl.store.blobs import BlobStore, BlobUsage
+from llmctl.store.caches import find_caches, remove_caches
 from llmctl.store.layout import StoreLayout
 from llmctl.store.manifest import Manifest
 
@@ -22,10 +23,11 @@ if TYPE_CHECKING:
 class RemovalPlan:
     models: list[Manifest]
     blobs: list[BlobUsage]  # blobs no remaining model uses
+    cache_bytes: int = 0  # the prompt caches of the models whose content goes
 
     @property
     def reclaimable(self) -> int:
-        return sum(b.reclaimable for b in self.blobs)
+        return sum(b.reclaimable for b in self.blobs) + self.cache_bytes
 
     @property
     def linked(self) -> int:
@@ -51,7 +53,9 @@ def _plan(layout: StoreLayout, chosen: list[Manifest]) -> RemovalPlan:
     blobs = BlobStore(layout)
     freed = {f.digest for m in chosen for f in m.files} - still_used
     usages = [u for d in sorted(freed) if (u := blobs.usage(d)) is not None]
-    return RemovalPlan(chosen, usages)
+    kept = {m.id for m in manifests.iter_manifests(layout) if m.reference not in removing}
+    caches = find_caches(layout, sorted({m.id for m in chosen} - kept))
+    return RemovalPlan(chosen, usages, caches.size)
 
 
 def unused_blobs(layout: StoreLayout, candidates: set[str] | None = None) -> set[str]:
@@ -78,6 +82,7 @@ def remove(layout: StoreLayout, plan: RemovalPlan) -> RemovalPlan:
         for manifest in plan.models:
             if manifest.id not in kept:
                 shutil.rmtree(layout.models / manifest.id, ignore_errors=True)
+        remove_caches(layout, sorted({m.id for m in plan.models} - kept))
     return plan
 
 
