@@ -290,9 +290,8 @@ class ChatSession:
             yield trimmed
         parts: list[str] = []
         kept = False
-        engine = self.engine
-        events = engine.generate_from_tokens(engine.prompt_tokens(self._messages(user)),
-                                             self.options, keep_cache=self.keep_cache)
+        events = self.engine.generate(self._messages(user), self.options,
+                                      keep_cache=self.keep_cache)
         try:
             for event in events:
                 if isinstance(event, Token):
@@ -329,7 +328,7 @@ class SessionCache:
         if self.file is not None or not self.enabled:
             return self.file
         manifest = self.opened.model.manifest
-        if manifest is None:
+        if manifest is None or not self.opened.engine.saves_cache:
             return None
         return conversation_cache(self.layout, manifest.id, conversation.id)
 

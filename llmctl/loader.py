@@ -176,15 +176,19 @@ def restore_cache(opened: Opened[TextEngine], path: Path, on_note: OnNote = no_n
     noted and left alone."""
     from llmctl.engines.prompt_cache import CacheRefused
 
+    if not opened.engine.saves_cache:
+        raise UsageError(f"the {opened.spec.name} engine cannot save its KV cache to a file",
+                         hint="leave out --prompt-cache, or use the llama or mlx engine")
     if not path.exists():
         return CacheUse(path)
     started = time.perf_counter()
     try:
-        tokens = opened.engine.load_cache(path, cache_identity(opened))
+        count = opened.engine.load_cache(path, cache_identity(opened))
     except CacheRefused as exc:
         on_note(Note(str(exc)))
         return CacheUse(path)
-    return CacheUse(path, len(tokens), time.perf_counter() - started, tokens=tuple(tokens))
+    seconds = time.perf_counter() - started
+    return CacheUse(path, count, seconds, tokens=tuple(opened.engine.cached_prefix()))
 
 
 def save_cache(opened: Opened[TextEngine], path: Path, use: CacheUse | None = None,

@@ -222,9 +222,10 @@ class WordEngine:
     def count_tokens(self, messages: list[Message]) -> int:
         return sum(len(m.content.split()) for m in messages)
 
-    def generate(self, messages: list[Message], options: GenerationOptions
-                 ) -> Iterator[Token | Done]:
+    def generate(self, messages: list[Message], options: GenerationOptions, *,
+                 keep_cache: bool = False) -> Iterator[Token | Done]:
         self.prompts.append(messages)
+        self.kept_cache = keep_cache
         words = self.reply.split()
         for word in words:
             yield Token(word + " ")

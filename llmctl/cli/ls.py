@@ -68,8 +68,10 @@ def ls(
         from llmctl.errors import UsageError
 
         raise UsageError("--fits goes with --available", hint="try: llmctl ls --available --fits")
+    from llmctl.store.caches import find_caches
     from llmctl.store.manifest import list_models, store_size
 
+    caches = find_caches(layout).size if not (engine or kind) else 0
     models = [m for m in list_models(layout)
               if (not engine or m.manifest.engine == engine)
               and (not kind or m.manifest.kind == kind)]
@@ -80,7 +82,9 @@ def ls(
         row=lambda m: (m.manifest.reference, m.manifest.id, format_bytes(m.manifest.size),
                        format_age(m.modified), m.manifest.engine, m.manifest.format),
         summary=f"{len(models)} model{'s' if len(models) != 1 else ''}, "
-                f"{format_bytes(store_size(models))} in {layout.root}")
+                f"{format_bytes(store_size(models) + caches)}"
+                + (f" ({format_bytes(caches)} of prompt caches)" if caches else "")
+                + f" in {layout.root}")
 
 
 def _available(out: Output, layout: StoreLayout, engine: str | None, kind: str | None,

@@ -28,11 +28,15 @@ def rm(
     broken: Annotated[bool, typer.Option(
         "--broken", help="Delete unreadable manifests (the ones llmctl warns about) and "
                          "stored files no model uses.")] = False,
+    caches: Annotated[bool, typer.Option(
+        "--caches", help="Delete the prompt caches saved with conversations (of MODEL, or "
+                         "all); the models stay.")] = False,
 ) -> None:
     """Remove models from the store.
 
     Files another stored model still uses are kept. Files linked from elsewhere (a pip
-    package, your own folder) stay where they are; only the store's link goes.
+    package, your own folder) stay where they are; only the store's link goes. A model's
+    saved prompt caches go with it.
 
     Examples:
 
@@ -42,6 +46,7 @@ def rm(
         llmctl rm --partial -y
         llmctl rm --image -y 3f2a9c1e
         llmctl rm --broken --dry-run
+        llmctl rm --caches -y
     """
 
     from llmctl.cli.options import open_store
@@ -52,6 +57,9 @@ def rm(
         return
     if image:
         _rm_images(out, models or [], yes=yes, dry_run=dry_run)
+        return
+    if caches:
+        _rm_caches(out, models, yes=yes, dry_run=dry_run)
         return
     if broken:
         if models:
@@ -92,6 +100,24 @@ def _confirmed(out: Output, question: str) -> bool:
         return True
     out.info("nothing deleted")
     return False
+
+
+def _rm_caches(out: Output, models: list[str] | None, *, yes: bool, dry_run: bool) -> None:
+    from llmctl.cli.options import open_store
+    from llmctl.store.caches import find_caches, remove_caches
+    from llmctl.store.lookup import resolve_stored
+
+    layout, catalog = open_store()
+    ids = [resolve_stored(layout, catalog, m).id for m in models] if models else None
+    found = find_caches(layout, ids)
+    what = f"{len(found.files)} prompt cache(s), {format_bytes(found.size)}"
+    if dry_run or not found.files:
+        out.info(f"would delete {what}")
+        return
+    if not yes and not _confirmed(out, f"Delete {what}?"):
+        return
+    remove_caches(layout, ids)
+    out.info(f"deleted {what}")
 
 
 def _rm_partial(out: Output, keys: list[str], *, yes: bool, dry_run: bool) -> None:

@@ -106,6 +106,7 @@ def _llama_said() -> str:
 
 class LlamaEngine(TokenEngine):
     name = "llama"
+    saves_cache = True
 
     def __init__(self, path: Path, options: LoadOptions):
         # What other processes do while the model loads decides the default thread count.
@@ -303,10 +304,11 @@ class LlamaEngine(TokenEngine):
         last = (total - 1) // size * size  # where the whole prompt's last batch starts
         if total - last < least:  # a short last batch: processed again, as it was
             keep = min(keep, last)
-        end = min((keep // size + 1) * size, total)  # the batch `keep` falls in
-        if 0 < end - keep < least:
-            keep = end - least
-        return max(keep, 0)
+        start = keep // size * size  # the whole prompt's batch `keep` falls in
+        end = min(start + size, total)
+        if keep > start and end - keep < least:  # its rest would be a short batch
+            keep = max(end - least, start)
+        return keep
 
     def _write_state(self, path: Path, header: dict[str, Any]) -> None:
         from llmctl.engines.prompt_cache import write_container

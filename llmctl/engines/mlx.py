@@ -61,6 +61,7 @@ def _library() -> Any:
 
 class MlxEngine(TokenEngine):
     name = "mlx"
+    saves_cache = True
     threads = None  # MLX sizes its own CPU work
 
     def __init__(self, path: Path, options: LoadOptions, config: dict[str, Any]):
@@ -165,9 +166,15 @@ class MlxEngine(TokenEngine):
         self.lib.cache.save_prompt_cache(str(path), cache, {HEADER_KEY: json.dumps(header)})
 
     def _read_state(self, path: Path, header: dict[str, Any]) -> int:
+        import tempfile
+
         self._prompt_cache = None
         self._trim_cache(0)
-        loaded = self.lib.cache.load_prompt_cache(str(path))
+        # MLX reads a file's format from its name: the cache, under a name it knows.
+        with tempfile.TemporaryDirectory(prefix="llmctl-kv-") as folder:
+            named = Path(folder) / "cache.safetensors"
+            named.symlink_to(path.resolve())
+            loaded = self.lib.cache.load_prompt_cache(str(named))
         if len(loaded) != len(self._prompt_cache):
             from llmctl.engines.prompt_cache import CacheRefused
 

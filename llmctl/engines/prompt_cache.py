@@ -30,6 +30,7 @@ FORMAT_VERSION = 1
 MAGIC = b"LLMCTL-KV\n"  # llmctl's own container (the llama engine's caches)
 HEADER_KEY = "llmctl"  # the header's key in a safetensors file's metadata
 MAX_HEADER = 64 << 20  # a header longer than this is not one of ours
+PARTIAL = ".partial.safetensors"  # .NAME.<pid>.partial.safetensors while being written
 
 
 class CacheRefused(EngineFailure):
@@ -74,7 +75,8 @@ def write(path: Path, write_state: Callable[[Path, dict[str, Any]], None],
     """The engine's state with its header, to `path` through a temporary file beside it
     (ending in .safetensors: MLX adds that suffix to names without it)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.partial.safetensors")
+    _remove_orphans(path)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}{PARTIAL}")
     try:
         write_state(temporary, identity.header(tokens))
         with open(temporary, "rb+") as file:
@@ -82,6 +84,24 @@ def write(path: Path, write_state: Callable[[Path, dict[str, Any]], None],
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def _remove_orphans(path: Path) -> None:
+    """Temporary files a killed process left beside `path` (its pid no longer runs)."""
+    for orphan in path.parent.glob(f".{path.name}.*{PARTIAL}"):
+        pid = orphan.name[len(path.name) + 2:-len(PARTIAL)]
+        if pid.isdigit() and not _running(int(pid)):
+            orphan.unlink(missing_ok=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def read(path: Path, identity: CacheIdentity,

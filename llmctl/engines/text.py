@@ -265,8 +265,10 @@ class TextEngine(Protocol):
         where the model wants one."""
         ...
 
-    def generate(self, messages: list[Message], options: GenerationOptions) -> Iterator[Event]:
-        """Stream the reply to `messages`, formatted with the model's own chat template."""
+    def generate(self, messages: list[Message], options: GenerationOptions, *,
+                 keep_cache: bool = False) -> Iterator[Event]:
+        """Stream the reply to `messages`, formatted with the model's own chat template
+        (with `keep_cache`, as `generate_from_tokens` says)."""
         ...
 
     def generate_from_tokens(self, tokens: list[int], options: GenerationOptions, *,
@@ -275,6 +277,11 @@ class TextEngine(Protocol):
         """Stream the continuation of `tokens` as they are (benchmarks time this). With
         `keep_cache`, the prefix the cache holds from the reply before is not processed
         again (with `exact`, only as far as the reply stays the same as without it)."""
+        ...
+
+    @property
+    def saves_cache(self) -> bool:
+        """Whether the engine can save its KV cache to a file and load it (--prompt-cache)."""
         ...
 
     def cached_prefix(self) -> list[int]:
@@ -337,6 +344,7 @@ class TokenEngine(ABC):
     _cached: tuple[int, ...] = ()
     _prompt_length: int = 0
     _lltokenizer: Any = None  # llguidance's view of the vocabulary, once needed
+    saves_cache: bool = False  # engines that write `_write_state`/`_read_state` say True
 
     @property
     @abstractmethod
@@ -411,13 +419,14 @@ class TokenEngine(ABC):
         of a prompt, not decoded one at a time as a reply was generated."""
         return self._prompt_length
 
-    def _write_state(self, path: Path, header: dict[str, str]) -> None:
+    def _write_state(self, path: Path, header: dict[str, Any]) -> None:
         """Write the KV cache (cut to `cached_prefix()`) with `header`, to `path`."""
         raise UsageError(f"the {self.name} engine cannot save its KV cache",
                          hint="leave out --prompt-cache")
 
-    def _read_state(self, path: Path, identity: CacheIdentity) -> int:
-        """Restore a cache `_write_state` wrote, once `identity` accepts its header."""
+    def _read_state(self, path: Path, header: dict[str, Any]) -> int:
+        """Restore the cache `_write_state` wrote with `header` (already checked); the
+        tokens the cache holds after."""
         raise UsageError(f"the {self.name} engine cannot load a KV cache",
                          hint="leave out --prompt-cache")
 
@@ -430,8 +439,7 @@ class TokenEngine(ABC):
         tokens = self.cached_prefix()
         self._trim_cache(len(tokens))
         self._cached = tuple(tokens[:self._cache_length()])
-        prompt_cache.write(path, lambda tmp, header: self._write_state(tmp, header),
-                           identity, self._cached)
+        prompt_cache.write(path, self._write_state, identity, self._cached)
         return len(self._cached)
 
     def load_cache(self, path: Path, identity: CacheIdentity) -> int:
@@ -452,8 +460,10 @@ class TokenEngine(ABC):
     def count_tokens(self, messages: list[Message]) -> int:
         return len(self.prompt_tokens(messages))
 
-    def generate(self, messages: list[Message], options: GenerationOptions) -> Iterator[Event]:
-        yield from self.generate_from_tokens(self.prompt_tokens(messages), options)
+    def generate(self, messages: list[Message], options: GenerationOptions, *,
+                 keep_cache: bool = False) -> Iterator[Event]:
+        yield from self.generate_from_tokens(self.prompt_tokens(messages), options,
+                                             keep_cache=keep_cache)
 
     def generate_from_tokens(self, tokens: list[int], options: GenerationOptions, *,
                              keep_cache: bool = False, exact: bool = True
