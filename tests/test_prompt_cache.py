@@ -255,6 +255,45 @@ def _identity_of(path: Path) -> CacheIdentity:
     return CacheIdentity(header["model"], header["engine"], header["context"])
 
 
+def test_system_clear_and_load_keep_only_the_unchanged_prefix(llama_engine, tmp_path) -> None:
+    from llmctl.chat import ChatSession, Conversation, ConversationStore, run_command
+    from llmctl.engines.text import Done
+
+    options = GenerationOptions(temperature=0, max_tokens=30)
+    store = ConversationStore(tmp_path)
+
+    def ask(session: ChatSession, text: str) -> tuple[str, int]:
+        events = list(session.ask(text))
+        done = next(e for e in events if isinstance(e, Done))
+        return "".join(e.text for e in events if hasattr(e, "text")), done.stats.cached_tokens
+
+    def fresh(system: str, turns: list[tuple[str, str]], text: str) -> str:
+        conversation = Conversation("smollm2:135m", system)
+        for user, reply in turns:
+            conversation.add_turn(user, reply)
+        return ask(ChatSession(llama_engine, conversation, options, keep_cache=False), text)[0]
+
+    session = ChatSession(llama_engine, Conversation("smollm2:135m", SYSTEM), options, store)
+    ask(session, TURNS[0])
+    ask(session, TURNS[1])
+    held = llama_engine.cached_prefix()
+    run_command(session, "/system You are a terse assistant who answers in one line.")
+    text, cached = ask(session, TURNS[2])
+    # The new system prompt changes the conversation from its first message on: only the
+    # template's opening tokens are shared, and the reply is the uncached one.
+    assert cached < 64 < len(held)
+    assert text == fresh(session.conversation.system, session.conversation.turns[:2], TURNS[2])
+
+    saved = session.conversation.id
+    run_command(session, "/clear")
+    text, _ = ask(session, TURNS[3])
+    assert text == fresh(session.conversation.system, [], TURNS[3])
+    run_command(session, f"/load {saved}")
+    text, _ = ask(session, TURNS[4])
+    loaded = session.conversation
+    assert text == fresh(loaded.system, loaded.turns[:-1], TURNS[4])
+
+
 # -- the header, unit by unit --------------------------------------------------------------
 
 
@@ -332,10 +371,10 @@ def test_the_kept_prefix_never_leaves_a_short_batch() -> None:
 def test_mlx_chat_keeps_its_cache_between_turns_with_the_same_replies(
         llmctl: Runner, stored_mlx: str) -> None:
     args = ["chat", stored_mlx, *GREEDY, "--json", "--system", SYSTEM, "--max-tokens", "12"]
-    turns = "\n".join(TURNS[:4]) + "\n"
+    turns = "\n".join(TURNS[:3]) + "\n"
     cached = done_events(llmctl(*args, input=turns).stdout)
     whole = done_events(llmctl(*args, "--no-cache", input=turns).stdout)
-    assert len(cached) == len(whole) == 4
+    assert len(cached) == len(whole) == 3
     assert [e["text"] for e in cached] == [e["text"] for e in whole]
     assert all(e["cached_tokens"] == 0 for e in whole)
     for before, turn in zip(cached, cached[1:], strict=False):
@@ -348,7 +387,7 @@ def test_mlx_run_prompt_cache_round_trip_and_a_llama_cache_is_refused(
         llmctl: Runner, stored_mlx: str, tmp_path: Path) -> None:
     cache = tmp_path / "mlx.kv"
     args = ["run", stored_mlx, *GREEDY, "--max-tokens", "8", "--json"]
-    prompt = DOCUMENT[:1500] + "\n\nWhich berth do grain ships use?"
+    prompt = DOCUMENT[:500] + "\n\nWhich berth do grain ships use?"
     first = llmctl(*args, "--prompt-cache", str(cache), input=prompt)
     second = llmctl(*args, "--prompt-cache", str(cache), input=prompt)
     plain = llmctl(*args, input=prompt)
@@ -382,7 +421,7 @@ def test_mlx_results_do_not_depend_on_how_the_prompt_is_split(converted) -> None
     model = runnable("smollm2:135m-mlx-q4", layout, Catalog.default(layout.root))
     engine = load(model.path, LoadOptions(context_length=1024))
     mx, make = engine.lib.mx, engine.lib.cache.make_prompt_cache
-    tokens = engine.text_tokens(DOCUMENT)[:300]
+    tokens = engine.text_tokens(DOCUMENT)[:120]
 
     def logits(*parts: list[int]):
         cache = make(engine.model)
@@ -392,6 +431,6 @@ def test_mlx_results_do_not_depend_on_how_the_prompt_is_split(converted) -> None
         return np.array(out[0, -1])
 
     whole = logits(tokens)
-    assert (logits(tokens[:200], tokens[200:]) == whole).all()
-    assert (logits(tokens[:250], tokens[250:290], *([t] for t in tokens[290:])) == whole).all()
+    assert (logits(tokens[:70], tokens[70:]) == whole).all()
+    assert (logits(tokens[:90], tokens[90:112], *([t] for t in tokens[112:])) == whole).all()
     engine.close()

@@ -37,12 +37,14 @@ if TYPE_CHECKING:
 
 MAX_BATCH = 2048
 PIECE_BUFFER = 256
-# llama.cpp's CPU kernels compute a batch of fewer tokens than this another way than a
-# larger one (a single-token decode, as every generated token is, differs from the same
-# token processed in a prompt by up to 0.5 in a logit with SmolLM2), while batches of this
-# many or more give the same numbers bit for bit however the prompt is split (measured on
-# 1..100-token remainders: 63 differ, 64 do not; tests/test_prompt_cache.py keeps checking
-# it). A cached prefix is reused only where that keeps a reply as without the cache.
+# llama.cpp's CPU flash attention runs a batch of this many query tokens or more through
+# its tiled kernel (float32 queries), and a smaller one through a per-row kernel that
+# rounds the queries to float16 (ggml-cpu ops.cpp, GGML_FA_TILE_Q): a single-token decode,
+# as every generated token is, differs from the same token processed in a prompt by up to
+# 0.5 in a logit with SmolLM2, while batches of 64 or more give the same numbers bit for
+# bit however the prompt is split (measured: 63-token remainders differ, 64 do not;
+# tests/test_prompt_cache.py keeps checking it). A cached prefix is reused only where that
+# keeps a reply as without the cache. GPU backends have their own kernels: not measured.
 SAME_RESULT_BATCH = 64
 # With the default thread count, a reply that starts this long after the last one ended
 # (a person typing in `chat`) first looks again at what other processes keep busy: over
@@ -324,11 +326,10 @@ class LlamaEngine(TokenEngine):
     def _read_state(self, path: Path, header: dict[str, Any]) -> int:
         from llmctl.engines.prompt_cache import CacheRefused, read_payload
 
-        payload = read_payload(path, header)
+        buffer = read_payload(path, header, lambda size: (ctypes.c_uint8 * size)())
         lib = self.lib
         self._trim_cache(0)
-        buffer = (ctypes.c_uint8 * len(payload)).from_buffer_copy(payload)
-        if lib.llama_state_seq_set_data(self.ctx, buffer, len(payload), 0) == 0:
+        if lib.llama_state_seq_set_data(self.ctx, buffer, len(buffer), 0) == 0:
             self._trim_cache(0)
             raise CacheRefused(f"prompt cache {path} not used: llama.cpp could not restore "
                                f"it{_llama_said()}")

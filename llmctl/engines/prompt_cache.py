@@ -7,7 +7,7 @@ the context length, llmctl's version, this file format's version, and the tokens
 state follows. A file made by anything else is refused with the reason (`CacheRefused`),
 never loaded into a model it was not made by; so is a damaged one. The state itself is the
 engine's own: llama.cpp's sequence state behind a header of ours (with the state's size
-and sha256), mlx-lm's prompt-cache safetensors file with the header in its metadata.
+and CRC-32), mlx-lm's prompt-cache safetensors file with the header in its metadata.
 
 Files are written under a temporary name beside the target and renamed when complete: a
 process killed while saving leaves the previous cache, or none, never half of one.
@@ -161,26 +161,30 @@ def _json_block(file: Any) -> dict[str, Any]:
 
 def write_container(path: Path, header: dict[str, Any], payload: bytes | memoryview) -> None:
     """llmctl's own container: MAGIC, the header's length and JSON, then the payload."""
-    import hashlib
+    import zlib
 
-    header = {**header, "payload_size": len(payload),
-              "payload_sha256": hashlib.sha256(payload).hexdigest()}
+    header = {**header, "payload_size": len(payload), "payload_crc32": zlib.crc32(payload)}
     data = json.dumps(header).encode()
     with open(path, "wb") as file:
         file.write(MAGIC + struct.pack("<Q", len(data)) + data)
         file.write(payload)
 
 
-def read_payload(path: Path, header: dict[str, Any]) -> bytes:
-    """The payload of llmctl's container, checked against its size and sha256."""
-    import hashlib
+def read_payload(path: Path, header: dict[str, Any], into: Callable[[int], Any]) -> Any:
+    """The payload of llmctl's container, read straight into the buffer `into(size)`
+    makes and checked against its size and CRC-32 (damage, not tampering: the header's
+    identity is what keeps a cache out of the wrong model)."""
+    import zlib
 
+    size, offset = header.get("payload_size"), header["_payload_offset"]
     with open(path, "rb") as file:
-        file.seek(header["_payload_offset"])
-        payload = file.read()
-    if len(payload) != header.get("payload_size"):
-        raise CacheRefused(f"prompt cache {path} not used: it is cut short "
-                           f"({len(payload)} of {header.get('payload_size')} bytes)")
-    if hashlib.sha256(payload).hexdigest() != header.get("payload_sha256"):
+        held = os.fstat(file.fileno()).st_size - offset
+        if not isinstance(size, int) or held != size:
+            raise CacheRefused(f"prompt cache {path} not used: it is cut short or padded "
+                               f"({held} of {size} bytes)")
+        buffer = into(size)
+        file.seek(offset)
+        file.readinto(buffer)
+    if zlib.crc32(memoryview(buffer).cast("B")) != header.get("payload_crc32"):
         raise CacheRefused(f"prompt cache {path} not used: its checksum does not match")
-    return payload
+    return buffer
