@@ -33,7 +33,7 @@ from llmctl.store.removal import plan_removal, remove
 DONE_KEYS = {"type", "model", "engine", "prompt_tokens", "generated_tokens", "prompt_seconds",
              "generate_seconds", "stop_reason", "load_seconds", "peak_memory_bytes",
              "prompt_tokens_per_second", "generate_tokens_per_second", "cached_tokens",
-             "backend", "gpu_layers"}
+             "processed_tokens", "backend", "gpu_layers"}
 
 
 def stored_folder(home: Path, reference: str) -> Path:
