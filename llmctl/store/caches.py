@@ -30,13 +30,18 @@ class CacheFiles:
     size: int
 
 
+def _folders(layout: StoreLayout, model_ids: list[str] | None) -> list[Path]:
+    """The cache folders of the models with these IDs (all when None) that exist."""
+    if model_ids is None:
+        return [p for p in layout.caches.iterdir() if p.is_dir()] if layout.caches.is_dir() \
+            else []
+    return [f for f in (layout.caches / path_part(i, "model ID") for i in model_ids)
+            if f.is_dir()]
+
+
 def find_caches(layout: StoreLayout, model_ids: list[str] | None = None) -> CacheFiles:
     """The saved caches (of the models with these IDs, or all)."""
-    folders = ([layout.caches / path_part(i, "model ID") for i in model_ids]
-               if model_ids is not None else
-               [p for p in layout.caches.iterdir() if p.is_dir()]
-               if layout.caches.is_dir() else [])
-    files = sorted(f for folder in folders if folder.is_dir()
+    files = sorted(f for folder in _folders(layout, model_ids)
                    for f in folder.iterdir() if f.is_file())
     return CacheFiles(files, sum(_size(f) for f in files))
 
@@ -44,8 +49,7 @@ def find_caches(layout: StoreLayout, model_ids: list[str] | None = None) -> Cach
 def remove_caches(layout: StoreLayout, model_ids: list[str] | None = None) -> CacheFiles:
     """Delete the saved caches (of these models, or all); what was deleted."""
     found = find_caches(layout, model_ids)
-    for folder in {f.parent for f in found.files} | set(
-            layout.caches / path_part(i, "model ID") for i in model_ids or []):
+    for folder in _folders(layout, model_ids):
         shutil.rmtree(folder, ignore_errors=True)
     return found
 
