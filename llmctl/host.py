@@ -325,6 +325,14 @@ def _cgroup_limit() -> int | None:
     return min(limits) if limits else None
 
 
+def platform_tag() -> str:
+    """This machine as "<sys.platform>-<machine>" ("linux-x86_64", "darwin-arm64"): how
+    the engine table says where an engine runs, or is the default."""
+    import platform
+
+    return f"{sys.platform}-{platform.machine().lower()}"
+
+
 def default_torch_device() -> str:
     """The device PyTorch engines pick ("cuda", then "mps", then "cpu"), told without
     importing torch: what the memory estimate needs to know (a CPU computes float16

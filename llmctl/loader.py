@@ -89,9 +89,16 @@ def open_text(ref: Reference, layout: StoreLayout, catalog: Catalog, *,
     if options.gpu_layers is not None and spec.name != "llama":
         notes.append(f"--gpu-layers applies to the llama engine; {spec.name} places the "
                      "whole model on its own device")
+    torch_only = [name for name, value in (("--device", options.device),
+                                           ("--dtype", options.dtype),
+                                           ("--trust-pickle", options.trust_pickle)) if value]
+    if torch_only and spec.name != "transformers":
+        notes.append(f"{', '.join(torch_only)} applies to the transformers engine, not to "
+                     f"{spec.name}")
     for note in notes:
         on_note(Note(note))
-    check = check_fits(estimate_text_memory(target, options.context_length), force)
+    check = check_fits(estimate_text_memory(target, options.context_length,
+                                            upcast=_upcasts(spec, options)), force)
     _warn_if_forced(target, check, on_note)
     return Opened(target, spec, registry.load_text_engine(spec, target.path, options), check)
 
@@ -122,6 +129,17 @@ def open_image(ref: Reference, layout: StoreLayout, catalog: Catalog, *,
     _warn_if_forced(target, check, on_note)
     return Opened(target, spec, registry.load_image_engine(spec, target.path, options), check,
                   defaults)
+
+
+def _upcasts(spec: EngineSpec, options: LoadOptions) -> bool:
+    """Whether half-precision weights take twice their size once loaded: MLX upcasts them
+    on a CPU, transformers computes in float32 there unless --dtype says otherwise."""
+    if spec.name == "mlx":
+        return registry.backend(spec) == "CPU"
+    if spec.name == "transformers":
+        device = options.device or default_torch_device()
+        return device == "cpu" and options.dtype in (None, "float32", "fp32")
+    return False
 
 
 def _warn_if_forced(target: Runnable, check: MemoryCheck, on_note: OnNote) -> None:

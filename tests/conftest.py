@@ -125,6 +125,18 @@ def stored_mlx(converted: Converted, llmctl_home: Path) -> str:
 
 
 @pytest.fixture(scope="session")
+def smollm2_hf(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real SmolLM2 as a Hugging Face safetensors folder (float16), dequantized from
+    the GGUF once per test session in a process of its own (tests/hf_folder.py)."""
+    out = tmp_path_factory.mktemp("smollm2-hf") / "SmolLM2-135M-Instruct"
+    result = subprocess.run([sys.executable, str(Path(__file__).with_name("hf_folder.py")),
+                             str(smollm2_gguf), str(out)], capture_output=True, text=True,
+                            timeout=900, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tiny_sd import build_tiny_sd
 

@@ -74,17 +74,45 @@ def command_function(name: str) -> Callable[..., None]:
     return getattr(importlib.import_module(f"llmctl.cli.{module}"), module)
 
 
+class OptionalValues(TyperCommand):
+    """A command with options whose value may be left out (`convert --to mlx -q`, `convert
+    --to onnx -q int8`), which typer's parser does not offer: given bare (last, or before
+    another option), such an option gets its module's stand-in value before parsing."""
+
+    optional_values: dict[str, str] = {}
+
+    def parse_args(self, ctx: Context, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, with_values(args, self.optional_values))
+
+
+def with_values(args: list[str], optional: dict[str, str]) -> list[str]:
+    """`args` with the stand-in value after each option of `optional` given without one."""
+    done: list[str] = []
+    for index, arg in enumerate(args):
+        if arg == "--":
+            return done + args[index:]
+        done.append(arg)
+        following = args[index + 1] if index + 1 < len(args) else None
+        if arg in optional and (following is None or following.startswith("-")):
+            done.append(optional[arg])
+    return done
+
+
 @functools.cache
 def _build(name: str) -> Command:
     function = command_function(name)
+    module = sys.modules[function.__module__]
     # A command group (`catalog add|rm|...`) lists its subcommands beside its function.
-    subcommands = getattr(sys.modules[function.__module__], "SUBCOMMANDS", None)
+    subcommands = getattr(module, "SUBCOMMANDS", None)
     single = typer.Typer(rich_markup_mode=MARKUP, pretty_exceptions_enable=False,
                          add_completion=False, no_args_is_help=bool(subcommands))
     if subcommands:
         single.callback()(function)
         for sub, sub_function in subcommands.items():
             single.command(sub)(sub_function)
+    elif optional := getattr(module, "OPTIONAL_VALUES", None):
+        single.command(name, cls=type("Command", (OptionalValues,),
+                                      {"optional_values": optional}))(function)
     else:
         single.command(name)(function)
     return typer.main.get_command(single)

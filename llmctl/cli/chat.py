@@ -9,6 +9,7 @@ import typer
 
 from llmctl.cli.options import (
     CtxOpt,
+    DtypeOpt,
     EngineOpt,
     ForceOpt,
     FormatOpt,
@@ -26,6 +27,8 @@ from llmctl.cli.options import (
     ThreadsOpt,
     TopKOpt,
     TopPOpt,
+    TorchDeviceOpt,
+    TrustPickleOpt,
     VerboseOpt,
     complete_model,
 )
@@ -33,7 +36,7 @@ from llmctl.cli.output import Output
 from llmctl.units import format_age
 
 if TYPE_CHECKING:
-    from llmctl.chat import ChatSession, ConversationStore
+    from llmctl.chat import ConversationStore
 
 
 def chat(
@@ -60,6 +63,9 @@ def chat(
     threads: ThreadsOpt = None,
     engine: EngineOpt = None,
     gpu_layers: GpuLayersOpt = None,
+    device: TorchDeviceOpt = None,
+    dtype: DtypeOpt = None,
+    trust_pickle: TrustPickleOpt = False,
     prompt_cache: PromptCacheOpt = None,
     prompt_cache_ro: PromptCacheRoOpt = False,
     no_cache: Annotated[bool, typer.Option(
@@ -97,15 +103,15 @@ def chat(
     """
     from llmctl import loader
     from llmctl.chat import ChatSession, Conversation, ConversationStore, SessionCache
-    from llmctl.cli.chat_session import interactive
+    from llmctl.cli.chat_session import interactive, piped
     from llmctl.cli.options import (
+        load_options,
         open_store,
         output_format,
-        parse_gpu_layers,
         prompt_cache_file,
         system_prompt,
     )
-    from llmctl.engines.text import GenerationOptions, LoadOptions
+    from llmctl.engines.text import GenerationOptions
     from llmctl.errors import UsageError
     from llmctl.store.layout import StoreLayout
     from llmctl.store.names import parse_reference
@@ -137,9 +143,9 @@ def chat(
     ref = parse_reference(model)
     layout, catalog = open_store()
     with out.progress() as report:
-        opened = loader.open_text(ref, layout, catalog, engine=engine,
-                                  options=LoadOptions(ctx, threads, parse_gpu_layers(gpu_layers)),
-                                  force=force,
+        opened = loader.open_text(ref, layout, catalog, engine=engine, force=force,
+                                  options=load_options(ctx, threads, gpu_layers, device, dtype,
+                                                       trust_pickle),
                                   on_event=report, on_note=out.note)
     name = opened.model.name
     conversation = conversation or Conversation(name)
@@ -153,7 +159,7 @@ def chat(
     meta = {"model": name, "engine": opened.spec.name, "backend": opened.engine.backend,
             "gpu_layers": opened.engine.gpu_layers}
     if not sys.stdin.isatty():
-        _piped(out, session, meta, verbose)
+        piped(out, session, meta, verbose)
     else:
         interactive(out, session, verbose, resumed=resume is not None)
     kv.save(session.conversation, out.note)
@@ -172,29 +178,3 @@ def _list(out: Output, store: ConversationStore, model: str | None) -> None:
                                format_age(datetime.fromisoformat(c.updated).timestamp()),
                                c.first_line if len(c.first_line) <= 50
                                else c.first_line[:49] + "…"))
-
-
-def _piped(out: Output, session: ChatSession, meta: dict, verbose: bool) -> None:
-    """Scripts: each line (or \"\"\"-block) of stdin is a message, read as it comes, so
-    that a program can hold a conversation through a pipe."""
-    from llmctl.chat import read_message
-    from llmctl.cli.chat_session import stream_reply
-    from llmctl.cli.options import text_stdin
-
-    text_stdin()
-
-    def more() -> str | None:
-        line = sys.stdin.readline()
-        return line.rstrip("\n") if line else None
-
-    while (line := sys.stdin.readline()):
-        text = read_message(line.rstrip("\n"), more).strip()
-        if not text:
-            continue
-        try:
-            stats = stream_reply(out, session, text, meta)
-        except KeyboardInterrupt:
-            out.reply_stopped()  # the shell prompt on a line of its own
-            raise
-        if verbose:
-            out.stats(stats, session.engine)

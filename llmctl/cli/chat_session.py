@@ -123,3 +123,28 @@ def _show_history(out: Output, session: ChatSession) -> None:
         out.info(f"(system: {conversation.system})")
     for user, reply in conversation.turns:
         out.line(f">>> {user}\n{reply}\n")
+
+
+def piped(out: Output, session: ChatSession, meta: dict, verbose: bool) -> None:
+    """Scripts: each line (or \"\"\"-block) of stdin is a message, read as it comes, so
+    that a program can hold a conversation through a pipe."""
+    from llmctl.chat import read_message
+    from llmctl.cli.options import text_stdin
+
+    text_stdin()
+
+    def more() -> str | None:
+        line = sys.stdin.readline()
+        return line.rstrip("\n") if line else None
+
+    while (line := sys.stdin.readline()):
+        text = read_message(line.rstrip("\n"), more).strip()
+        if not text:
+            continue
+        try:
+            stats = stream_reply(out, session, text, meta)
+        except KeyboardInterrupt:
+            out.reply_stopped()  # the shell prompt on a line of its own
+            raise
+        if verbose:
+            out.stats(stats, session.engine)

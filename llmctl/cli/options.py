@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 if TYPE_CHECKING:
+    from llmctl.engines.text import LoadOptions
     from llmctl.store.catalog import Catalog
     from llmctl.store.layout import StoreLayout
 
@@ -116,6 +117,26 @@ def prompt_cache_file(path: Path | None, read_only: bool) -> Path | None:
 GpuLayersOpt = Annotated[str | None, typer.Option(
     "--gpu-layers", metavar="N|all", help="Model layers to run on the GPU (llama.cpp). "
     "[default: all when llama.cpp has a GPU backend, else none]", show_default=False)]
+
+
+TorchDeviceOpt = Annotated[str | None, typer.Option(
+    help="transformers: cuda, cuda:N, mps or cpu. [default: the first available]",
+    show_default=False)]
+DtypeOpt = Annotated[str | None, typer.Option(
+    help="transformers: float32, float16, bfloat16 (fp32, fp16, bf16) or auto. [default: "
+    "bfloat16 on CUDA, float16 on MPS, float32 on a CPU]", show_default=False)]
+TrustPickleOpt = Annotated[bool, typer.Option(
+    "--trust-pickle", help="transformers: load pickled weights (.bin); they can run code.")]
+
+
+def load_options(ctx: int | None, threads: int | None, gpu_layers: str | None,
+                 device: str | None = None, dtype: str | None = None,
+                 trust_pickle: bool = False) -> LoadOptions:
+    """run's and chat's engine options, as loader.open_text takes them."""
+    from llmctl.engines.text import LoadOptions
+
+    return LoadOptions(ctx, threads, parse_gpu_layers(gpu_layers), device,
+                       None if dtype == "auto" else dtype, trust_pickle)
 
 
 def parse_gpu_layers(text: str | None) -> int | None:

@@ -8,6 +8,7 @@ import typer
 
 from llmctl.cli.options import (
     CtxOpt,
+    DtypeOpt,
     EngineOpt,
     FileOpt,
     ForceOpt,
@@ -27,6 +28,8 @@ from llmctl.cli.options import (
     ThreadsOpt,
     TopKOpt,
     TopPOpt,
+    TorchDeviceOpt,
+    TrustPickleOpt,
     VerboseOpt,
 )
 from llmctl.cli.output import Output
@@ -54,6 +57,9 @@ def run(
     threads: ThreadsOpt = None,
     engine: EngineOpt = None,
     gpu_layers: GpuLayersOpt = None,
+    device: TorchDeviceOpt = None,
+    dtype: DtypeOpt = None,
+    trust_pickle: TrustPickleOpt = False,
     prompt_cache: PromptCacheOpt = None,
     prompt_cache_ro: PromptCacheRoOpt = False,
     json: JsonOpt = False,
@@ -82,17 +88,18 @@ def run(
         llmctl run smollm2 --format json "List three colours as a JSON array." | jq .
         llmctl run smollm2 --json-schema person.json "Invent a person."
         llmctl run smollm2 -f manual.md --prompt-cache manual.kv "How do I reset it?"
+        llmctl run ./SmolLM2-135M-Instruct --engine transformers --device cpu "Hi"
     """
     from llmctl import loader
     from llmctl.cli.options import (
+        load_options,
         open_store,
         output_format,
-        parse_gpu_layers,
         prompt_cache_file,
         read_prompt,
         system_prompt,
     )
-    from llmctl.engines.text import Done, GenerationOptions, LoadOptions, Message
+    from llmctl.engines.text import Done, GenerationOptions, Message
     from llmctl.errors import UsageError
     from llmctl.store.names import parse_reference
 
@@ -109,9 +116,9 @@ def run(
     text = read_prompt(prompt, file, stdin=not schema_took_stdin)
     ref = parse_reference(model)
     with out.progress() as report:
-        opened = loader.open_text(ref, *open_store(), engine=engine,
-                                  options=LoadOptions(ctx, threads, parse_gpu_layers(gpu_layers)),
-                                  force=force,
+        opened = loader.open_text(ref, *open_store(), engine=engine, force=force,
+                                  options=load_options(ctx, threads, gpu_layers, device, dtype,
+                                                       trust_pickle),
                                   on_event=report, on_note=out.note)
     messages = ([Message("system", system)] if system else []) + [Message("user", text)]
     tokens = (opened.engine.text_tokens(text) if raw

@@ -78,3 +78,52 @@ def render(template: str, messages: Sequence[Message], *, bos_token: str = "",
 def plain(messages: Sequence[Message]) -> str:
     """For models without a template (base models): the text, one message after another."""
     return "\n\n".join(m.content for m in messages)
+
+
+def hf_prompt_tokens(tokenizer: Any, messages: Sequence[Message], has_template: bool
+                     ) -> list[int]:
+    """The conversation as token ids through a Hugging Face tokenizer's own chat template
+    (transformers renders it), or the plain text for a model without one. The engines on
+    Hugging Face tokenizers (mlx, transformers) share this."""
+    if not has_template:
+        return list(tokenizer.encode(plain(messages)))
+    import jinja2  # transformers renders templates with it
+
+    conversation = [{"role": m.role, "content": m.content} for m in messages]
+    try:
+        tokens = tokenizer.apply_chat_template(conversation, add_generation_prompt=True)
+    except jinja2.TemplateError as exc:  # raise_exception() in the template, too
+        raise TemplateError(
+            f"the model's chat template refused the conversation: {exc}") from None
+    # transformers 5 returns a BatchEncoding where 4 returned the ids.
+    ids = tokens["input_ids"] if hasattr(tokens, "keys") else tokens
+    return list(ids)
+
+
+class IncrementalDetokenizer:
+    """The text of a reply one token at a time, for tokenizers that decode only whole
+    sequences (Hugging Face's): each token's text is what decoding the last few tokens
+    with it adds to decoding them without it, held back while it ends in an unfinished
+    character (U+FFFD). Decoding from a few tokens back, not from the start, keeps each
+    step short and lets the tokenizer place spaces as it would in context."""
+
+    def __init__(self, decode: Any):
+        self._decode = decode  # list of ids -> str
+        self._tokens: list[int] = []
+        self._prefix = 0  # where the window decoded for context starts
+        self._read = 0  # tokens up to here have been given out as text
+
+    def add(self, token: int) -> str:
+        self._tokens.append(token)
+        before = self._decode(self._tokens[self._prefix:self._read])
+        after = self._decode(self._tokens[self._prefix:])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self._prefix, self._read = self._read, len(self._tokens)
+            return after[len(before):]
+        return ""
+
+    def flush(self) -> str:
+        before = self._decode(self._tokens[self._prefix:self._read])
+        after = self._decode(self._tokens[self._prefix:])
+        self._prefix = self._read = len(self._tokens)
+        return after[len(before):]

@@ -45,7 +45,7 @@ from typing import Any, Protocol
 
 from llmctl.engines.text import default_context
 from llmctl.errors import InsufficientResources
-from llmctl.formats import coreml, diffusers, hf
+from llmctl.formats import coreml, diffusers, hf, onnx
 from llmctl.host import MEMORY_LIMIT_ENV, MEMORY_SHARE, allowed_memory
 
 OVERHEAD = 64 * 1024**2
@@ -142,16 +142,20 @@ class Shape:
     trained_context: int = 0
 
 
-def estimate_text_memory(model: TextModelFiles, context_length: int | None
-                         ) -> MemoryEstimate:
+def estimate_text_memory(model: TextModelFiles, context_length: int | None, *,
+                         upcast: bool = False) -> MemoryEstimate:
     """What loading `model` with `context_length` tokens (None: the engine's default)
-    takes: a GGUF file from its header, a folder model (MLX, safetensors) from config.json."""
+    takes: a GGUF file from its header, a folder model (MLX, safetensors) from config.json.
+    With `upcast`, a folder's float16 or bfloat16 weights count twice: the engine computes
+    them in float32."""
     path = Path(model.path)
     shape = model_shape(model)
     if _is_gguf(model):
         weights, step = model.header.file_size, LLAMA_CELLS
     else:
         weights, step = folder_weights(path), 1
+        if upcast and path.is_dir() and _half_precision(path):
+            weights *= 2
     cells = default_context(context_length, shape.trained_context)
     cells = -(-cells // step) * step
     return MemoryEstimate(
@@ -171,6 +175,8 @@ def model_shape(model: TextModelFiles) -> Shape:
         return gguf_shape(model.header.metadata)
     path = Path(model.path)
     folder = path if path.is_dir() else path.parent
+    if model.format == "onnx":
+        return Shape(*onnx.shape(onnx.read_genai_config(folder)))
     return config_shape(folder)
 
 
@@ -225,6 +231,17 @@ def config_shape(folder: Path) -> Shape:
     head = _int(config.get("head_dim")) or (
         _int(config.get("hidden_size")) // heads if heads else 0)
     return Shape(layers * kv_heads * 2 * head, hf.vocabulary(config), hf.trained_context(config))
+
+
+def _half_precision(folder: Path) -> bool:
+    """Whether a folder's config.json says its weights are float16 or bfloat16 (and not
+    quantized: MLX's quantized weights stay as they are)."""
+    config = hf.read_config(folder)
+    if config.get("quantization") or config.get("quantization_config"):
+        return False
+    dtype = config.get("dtype") or config.get("torch_dtype") or hf.text_settings(
+        config).get("torch_dtype")
+    return dtype in ("float16", "bfloat16")
 
 
 def folder_weights(path: Path) -> int:

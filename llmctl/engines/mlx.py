@@ -127,18 +127,8 @@ class MlxEngine(TokenEngine):
         return self.n_ctx
 
     def prompt_tokens(self, messages: list[Message]) -> list[int]:
-        if self.tokenizer.has_chat_template:
-            import jinja2  # transformers renders templates with it
-
-            conversation = [{"role": m.role, "content": m.content} for m in messages]
-            try:
-                tokens = self.tokenizer.apply_chat_template(conversation,
-                                                            add_generation_prompt=True)
-            except jinja2.TemplateError as exc:  # raise_exception() in the template, too
-                raise chat_template.TemplateError(
-                    f"the model's chat template refused the conversation: {exc}") from None
-            return list(tokens)
-        return list(self.tokenizer.encode(chat_template.plain(messages)))
+        return chat_template.hf_prompt_tokens(self.tokenizer, messages,
+                                              self.tokenizer.has_chat_template)
 
     def text_tokens(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text))

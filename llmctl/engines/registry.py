@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import platform
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +16,7 @@ from llmctl.engines.image import ImageEngine, ImageLoadOptions
 from llmctl.engines.text import LoadOptions, TextEngine
 from llmctl.errors import EngineUnavailable, UsageError
 from llmctl.formats import FORMATS, formats_of
+from llmctl.host import platform_tag
 
 
 @dataclass(frozen=True)
@@ -50,6 +49,12 @@ ENGINES: dict[str, EngineSpec] = {
                    "pip install 'llmctl[mlx]'",
                    platforms=("darwin-arm64", "linux-x86_64", "linux-aarch64"),
                    runs_on="Apple Silicon Macs and, on the CPU, Linux", convert_to="mlx"),
+        # Hugging Face causal-LM folders on PyTorch: CUDA, then Apple's MPS, then the CPU.
+        EngineSpec("transformers", "llmctl.engines.transformers", "text", "transformers",
+                   "pip install 'llmctl[torch]'"),
+        # ONNX Runtime GenAI: its folders (genai_config.json), made by `convert --to onnx`.
+        EngineSpec("onnx", "llmctl.engines.onnx", "text", "onnxruntime_genai",
+                   "pip install 'llmctl[onnx]'", convert_to="onnx"),
         # Image engines (llmctl.engines.image's contract): PyTorch anywhere torch runs
         # (CUDA, Apple's MPS, CPU), Core ML where its predictions run: macOS only.
         EngineSpec("diffusers", "llmctl.engines.diffusers", "image", "diffusers",
@@ -84,13 +89,13 @@ def choose(model_format: str, kind: str, override: str | None = None) -> EngineS
                              hint=hint)
         return spec
     info = FORMATS.get(model_format)
-    if info is not None and info.kind == kind and info.engines[0] in ENGINES:
-        return ENGINES[info.engines[0]]
+    if info is not None and info.kind == kind and info.default_engine in ENGINES:
+        return ENGINES[info.default_engine]
     raise UsageError(f"no engine in this version runs {kind} models in {model_format} format")
 
 
 def check_available(spec: EngineSpec) -> None:
-    here = f"{sys.platform}-{platform.machine().lower()}"
+    here = platform_tag()
     if spec.platforms and here not in spec.platforms:
         raise EngineUnavailable(spec.name, f"it runs on {spec.runs_on}, not on {here}")
     if importlib.util.find_spec(spec.requires) is None:

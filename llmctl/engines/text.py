@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import codecs
 import math
+import re
 import secrets
 import time
 from abc import ABC, abstractmethod
@@ -78,6 +79,10 @@ def default_context(requested: int | None, trained: int | None) -> int:
 
 
 ALL_LAYERS = -1  # --gpu-layers all
+# --dtype -> torch's name for it (the short names as the field writes them).
+DTYPES = {"auto": None, "float32": "float32", "fp32": "float32", "float16": "float16",
+          "fp16": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16"}
+_DEVICE = re.compile(r"cpu|mps|cuda(:\d+)?")
 
 
 @dataclass(frozen=True)
@@ -87,6 +92,11 @@ class LoadOptions:
     # Model layers offloaded to the GPU (llama.cpp): ALL_LAYERS, or None for the default
     # (all where the build has a GPU backend, none otherwise).
     gpu_layers: int | None = None
+    # PyTorch engines (transformers): where and in what precision the weights compute;
+    # None: the first of cuda, mps, cpu, and the precision that device computes best.
+    device: str | None = None
+    dtype: str | None = None  # a DTYPES key
+    trust_pickle: bool = False  # load pickled weights (.bin), which can run code
 
     def validate(self, trained_context: int | None = None) -> tuple[LoadOptions, list[str]]:
         """The options bounded by what the engines accept, and notes on what was changed.
@@ -110,6 +120,12 @@ class LoadOptions:
                 raise UsageError(f"--ctx {ctx} is more than {said}",
                                  hint=f"use --ctx {limit} or less")
         notes = []
+        if self.device is not None and not _DEVICE.fullmatch(self.device):
+            raise UsageError(f"unknown --device '{self.device}'",
+                             hint="use cuda, cuda:N, mps or cpu")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise UsageError(f"unknown --dtype '{self.dtype}'",
+                             hint=f"use {', '.join(DTYPES)}")
         if self.gpu_layers is not None and self.gpu_layers < ALL_LAYERS:
             raise UsageError(f"--gpu-layers {self.gpu_layers} is below 0",
                              hint="use a number of layers, or all")

@@ -24,16 +24,33 @@ KINDS = ("text", "image")
 class FormatInfo:
     kind: str  # "text" | "image"
     engines: tuple[str, ...]  # the engines that run it, the default first
+    # Machines ("<sys.platform>-<machine>", as llmctl.host.platform_tag says) where another
+    # of `engines` is the default.
+    preferred: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def default_engine(self) -> str:
+        """The engine that runs the format on this machine unless --engine says otherwise."""
+        from llmctl.host import platform_tag
+
+        return dict(self.preferred).get(platform_tag(), self.engines[0])
 
 
 # The one table of formats: what kind of model each is and which engines run it. Engines
 # (llmctl.engines.registry), the catalog and the store read it from here.
 FORMATS: dict[str, FormatInfo] = {
     "gguf": FormatInfo("text", ("llama",)),
-    # mlx-lm reads Hugging Face safetensors checkpoints as they are; MLX's own conversions
-    # differ only by a "quantization" entry in config.json.
-    "safetensors": FormatInfo("text", ("mlx",)),
+    # Hugging Face safetensors checkpoints: transformers (PyTorch: CUDA, MPS, CPU) by
+    # default, MLX on Apple Silicon, where it is the faster of the two; mlx-lm reads them as
+    # they are. MLX's own conversions (quantized in MLX's layout) run on MLX only.
+    "safetensors": FormatInfo("text", ("transformers", "mlx"),
+                              preferred=(("darwin-arm64", "mlx"),)),
     "mlx": FormatInfo("text", ("mlx",)),
+    # Hugging Face checkpoints whose weights are only pickles (pytorch_model.bin): the
+    # transformers engine loads them when told to trust them (--trust-pickle).
+    "pytorch": FormatInfo("text", ("transformers",)),
+    # ONNX Runtime GenAI folders: genai_config.json beside model.onnx (and its data file).
+    "onnx": FormatInfo("text", ("onnx",)),
     "diffusers": FormatInfo("image", ("diffusers",)),
     "coreml": FormatInfo("image", ("coreml",)),
 }
@@ -55,7 +72,7 @@ class ModelFormat:
     def of(cls, format: str) -> ModelFormat:
         """A format by name, with its kind and default engine from FORMATS."""
         info = FORMATS[format]
-        return cls(info.kind, info.engines[0], format)
+        return cls(info.kind, info.default_engine, format)
 
 
 GGUF = ModelFormat.of("gguf")
@@ -70,10 +87,16 @@ def detect_format(names: list[str]) -> ModelFormat | None:
                 for s in PurePosixPath(part).suffixes}
     if len(paths) == 1 and paths[0].suffix.lower() == ".gguf":
         return GGUF
+    if "genai_config.json" in {p.name for p in paths} and ".onnx" in suffixes:
+        return ModelFormat.of("onnx")
     if "model_index.json" in top:
         return ModelFormat.of("diffusers")
     if suffixes & {".mlmodelc", ".mlpackage"}:
         return ModelFormat.of("coreml")
     if "config.json" in top and ".safetensors" in suffixes:
         return ModelFormat.of("safetensors")
+    # transformers' own name for pickled weights (CTranslate2's model.bin is not one).
+    if "config.json" in top and any(p.name.startswith("pytorch_model") and p.suffix == ".bin"
+                                    for p in paths):
+        return ModelFormat.of("pytorch")
     return None
