@@ -162,7 +162,10 @@ def hf_cache(tmp_path: Path, smollm2_gguf: Path) -> Path:
     hf_file(gguf_repo, commit, "SmolLM2-135M-Instruct.Q4_1.gguf", source=smollm2_gguf)
     hf_file(gguf_repo, commit, "README.md", b"# SmolLM2\n", lfs=False)
     text = hub / "models--mlx-community--Tiny-4bit"
-    hf_file(text, "1" * 40, "config.json", b'{"model_type": "llama"}', lfs=False)
+    # mlx-lm's config: its "quantization" table makes the checkpoint format mlx.
+    hf_file(text, "1" * 40, "config.json",
+            b'{"model_type": "llama", "quantization": {"group_size": 64, "bits": 4}}',
+            lfs=False)
     hf_file(text, "1" * 40, "model.safetensors", b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
     hf_file(text, "1" * 40, "tokenizer.json", b'{"version": "1.0"}', lfs=False)
     hf_file(text, "1" * 40, "README.md", b"# tiny\n", lfs=False)
@@ -185,7 +188,7 @@ def test_import_from_the_hf_cache_links_gguf_mlx_and_diffusers_models(
         f"{HF_NAME}:q4_1", "mlx-community/tiny-4bit:latest", "org/tiny-sd:latest"]
     models = {m["name"] + ":" + m["tag"]: m for m in json.loads(llmctl("ls", "--json").stdout)}
     assert {(m["kind"], m["engine"], m["format"]) for m in models.values()} == {
-        ("text", "llama", "gguf"), ("text", "mlx", "safetensors"),
+        ("text", "llama", "gguf"), ("text", "mlx", "mlx"),
         ("image", "diffusers", "diffusers")}
     assert [f["name"] for f in models["mlx-community/tiny-4bit:latest"]["files"]] == [
         "config.json", "model.safetensors", "tokenizer.json"]
@@ -208,7 +211,7 @@ def test_hf_cache_dry_run_json(llmctl: Runner, llmctl_home: Path, hf_cache: Path
     planned = json.loads(result.stdout)
     assert [(p["reference"], p["status"], p["format"]) for p in planned] == [
         (f"{HF_NAME}:q4_1", "would import", "gguf"),
-        ("mlx-community/tiny-4bit:latest", "would import", "safetensors"),
+        ("mlx-community/tiny-4bit:latest", "would import", "mlx"),
         ("org/tiny-sd:latest", "would import", "diffusers")]
     assert planned[0]["size"] == (hf_cache / f"models--{HF_REPO.replace('/', '--')}" / "blobs"
                                   / SMOLLM2_SHA256).stat().st_size

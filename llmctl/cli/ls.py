@@ -23,7 +23,8 @@ def ls(
     available: Annotated[bool, typer.Option(
         "--available", help="List the catalog's models (stored or not) instead.")] = False,
     engine: Annotated[str | None, typer.Option(
-        help="Only models for this engine (llama, mlx, diffusers, coreml).")] = None,
+        help="Only models for this engine (llama, mlx, transformers, onnx, diffusers, "
+        "coreml): the one each runs on here.")] = None,
     kind: Annotated[str | None, typer.Option(help="Only text or image models.")] = None,
     fits: Annotated[bool, typer.Option(
         "--fits", help="With --available: only models that fit this machine's memory "
@@ -73,14 +74,15 @@ def ls(
 
     caches = find_caches(layout).size if not (engine or kind) else 0
     models = [m for m in list_models(layout)
-              if (not engine or m.manifest.engine == engine)
+              if (not engine or m.manifest.engine_here == engine)
               and (not kind or m.manifest.kind == kind)]
     out.records(
-        models, record=lambda m: dict(m.manifest.to_dict(), modified=m.modified),
+        models, record=lambda m: dict(m.manifest.to_dict(), modified=m.modified,
+                                      engine=m.manifest.engine_here),
         name=lambda m: m.manifest.reference,
         columns=("NAME", "ID", "SIZE", "MODIFIED", "ENGINE", "FORMAT"),
         row=lambda m: (m.manifest.reference, m.manifest.id, format_bytes(m.manifest.size),
-                       format_age(m.modified), m.manifest.engine, m.manifest.format),
+                       format_age(m.modified), m.manifest.engine_here, m.manifest.format),
         summary=f"{len(models)} model{'s' if len(models) != 1 else ''}, "
                 f"{format_bytes(store_size(models) + caches)}"
                 + (f" ({format_bytes(caches)} of prompt caches)" if caches else "")

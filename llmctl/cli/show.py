@@ -61,9 +61,11 @@ def show(
         return
     from llmctl.engines import registry
 
-    backend = (registry.backend(registry.ENGINES[manifest.engine])
-               if manifest.engine in registry.ENGINES else "unknown engine")
-    out.document(dict(manifest.to_dict(), path=str(details.path), verified=details.verified,
+    engine = manifest.engine_here
+    backend = (registry.backend(registry.ENGINES[engine])
+               if engine in registry.ENGINES else "unknown engine")
+    out.document(dict(manifest.to_dict(), engine=engine, path=str(details.path),
+                      verified=details.verified,
                       backend=backend,
                       summary=details.summary, gguf=details.metadata,
                       tensor_types=details.tensor_types),
@@ -88,7 +90,7 @@ def _lines(details: ModelDetails, metadata: bool, backend: str) -> Iterator[str]
             ("licence", s["license"]),
         ],
         "Store": [
-            ("engine", manifest.engine),
+            ("engine", manifest.engine_here),
             ("backend", backend),
             ("format", manifest.format),
             ("size", format_bytes(manifest.size)),

@@ -15,7 +15,7 @@ Import-light (the standard library and `gguf` only): `ls`, completion and the st
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 
 KINDS = ("text", "image")
 
@@ -78,8 +78,21 @@ class ModelFormat:
 GGUF = ModelFormat.of("gguf")
 
 
-def detect_format(names: list[str]) -> ModelFormat | None:
-    """What a set of files is, from their names: None when llmctl cannot tell."""
+def detect_format(names: list[str], config: Path | None = None) -> ModelFormat | None:
+    """What a set of files is, from their names: None when llmctl cannot tell. With
+    `config` (the files' config.json), a safetensors checkpoint whose config says MLX
+    quantized it (mlx-community's repositories) is format mlx: only MLX runs those
+    weights."""
+    found = _format_of(names)
+    if found is not None and found.format == "safetensors" and config is not None:
+        from llmctl.formats import hf
+
+        if hf.mlx_quantized(hf.read_config(config.parent, config.name)):
+            return ModelFormat.of("mlx")
+    return found
+
+
+def _format_of(names: list[str]) -> ModelFormat | None:
     paths = [PurePosixPath(n) for n in names]
     top = {p.parts[0] for p in paths}
     # Every folder level counts: a Core ML model is a folder ("Unet.mlmodelc/model.mil").

@@ -20,13 +20,20 @@ OTHER_WEIGHTS = {".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".onnx", ".o
 
 # -- config.json ---------------------------------------------------------------------------
 
-def read_config(folder: Path) -> dict[str, Any]:
-    """The folder's config.json; {} when it is missing, unreadable or not an object."""
+def read_config(folder: Path, name: str = "config.json") -> dict[str, Any]:
+    """The folder's config.json (or the file `name` in it: a stored blob's own name);
+    {} when it is missing, unreadable or not an object."""
     try:
-        config = json.loads((folder / "config.json").read_text())
+        config = json.loads((folder / name).read_text())
     except (OSError, ValueError):
         return {}
     return config if isinstance(config, dict) else {}
+
+
+def mlx_quantized(config: dict[str, Any]) -> bool:
+    """Whether MLX quantized the checkpoint: mlx-lm writes a "quantization" table (bits,
+    group size) that no other library reads; transformers' own are "quantization_config"."""
+    return isinstance(config.get("quantization"), dict)
 
 
 def text_settings(config: dict[str, Any]) -> dict[str, Any]:

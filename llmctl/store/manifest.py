@@ -45,8 +45,8 @@ class Manifest:
     name: str
     tag: str
     kind: str  # "text" | "image"
-    engine: str  # "llama" | "mlx" | "coreml" | "diffusers"
-    format: str  # "gguf" | "mlx" | "coreml" | "diffusers"
+    engine: str  # the engine it was stored with: "llama", "mlx", "transformers", "onnx", ...
+    format: str  # a key of llmctl.formats.FORMATS: "gguf", "safetensors", "mlx", "onnx", ...
     files: list[ManifestFile]
     source: dict[str, Any] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
@@ -81,6 +81,16 @@ class Manifest:
     def primary(self) -> ManifestFile:
         """The file an engine opens: the single file of a GGUF model."""
         return self.files[0]
+
+    @property
+    def engine_here(self) -> str:
+        """The engine that runs the model on this machine unless --engine says otherwise:
+        its format's default here (a safetensors checkpoint stored on a Mac, where MLX is
+        the default, runs on transformers on Linux), else the engine it was stored with."""
+        from llmctl.formats import FORMATS
+
+        info = FORMATS.get(self.format)
+        return info.default_engine if info else self.engine
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

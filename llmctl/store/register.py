@@ -87,7 +87,9 @@ def register(
         names = [f"{name.split('/')[-1]}.gguf"]
     for file_name in names:
         relative_name(file_name)
-    model_format = model_format or detect_format(names)
+    config = (files.paths[names.index("config.json")]
+              if "config.json" in names and not files.joined else None)
+    model_format = model_format or detect_format(names, config)
     if model_format is None:
         raise UsageError(f"cannot tell what kind of model {reference} is from its files "
                          f"({', '.join(names[:5])})",

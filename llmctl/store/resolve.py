@@ -52,9 +52,9 @@ def runnable(
         files = local.locate(ref.path)
         name = local.model_name(files)
         if files.names is not None:  # a folder model: the engine opens the folder itself
-            found = detect_format(files.names)
-            assert found is not None  # local.locate returns only folders it recognises
             folder = Path(files.origin["path"])
+            found = detect_format(files.names, folder / "config.json")
+            assert found is not None  # local.locate returns only folders it recognises
             return Runnable(folder, name, found.kind, found.format, found.engine, None)
         path = files.paths[0]
         return Runnable(path, name, "text", "gguf", "llama", None, read_header(path))
@@ -78,5 +78,5 @@ def _stored_runnable(layout: StoreLayout, manifest: Manifest) -> Runnable:
         path, header = check_file(layout, manifest)
     else:
         path, header = model_folder(layout, manifest), None
-    return Runnable(path, manifest.reference, manifest.kind, manifest.format, manifest.engine,
-                    manifest, header)
+    return Runnable(path, manifest.reference, manifest.kind, manifest.format,
+                    manifest.engine_here, manifest, header)

@@ -161,7 +161,7 @@ def _folder_models(repo: str, files: dict[str, CachedFile], origin: dict
     else:
         return []
     names = [name for name, _, _ in chosen]
-    fmt = detect_format(names)
+    fmt = detect_format(names, files["config.json"][1] if "config.json" in files else None)
     if fmt is None:
         return []
     return [FoundModel(model_name(repo), DEFAULT_TAG, fmt, [p for _, p, _ in chosen], names,
