@@ -32,14 +32,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from repetitions import ratio_rows, run_shuffled
+from repetitions import STORY, llmctl_pp, llmctl_tg, prompt_tokens, ratio_rows, run_shuffled
 
 BIN = Path(sys.executable).parent
 CACHE_HOME = Path(tempfile.gettempdir()) / "llmctl-bench-mlx"
 MODEL = "smollm2:135m-mlx-q4"
-STORY = "Write a long story about a dragon who learns to paint."
-FILLER = ("The quick brown fox jumps over the lazy dog while the farmer counts his sheep "
-          "and the river runs past the old mill. ")
 
 
 def default_model() -> Path:
@@ -54,38 +51,6 @@ def default_model() -> Path:
         show = subprocess.run([str(BIN / "llmctl"), "show", MODEL, "--json"], env=env,
                               capture_output=True, text=True, check=True)
     return Path(json.loads(show.stdout)["path"])
-
-
-def prompt_tokens(engine, target: int) -> list[int]:
-    from llmctl.engines.text import Message
-
-    words = FILLER * (target // 20 + 4)
-    tokens = engine.prompt_tokens([Message("user", words)])
-    while len(tokens) > target:
-        words = words[:int(len(words) * target / len(tokens)) - 1]
-        tokens = engine.prompt_tokens([Message("user", words)])
-    return tokens
-
-
-def llmctl_pp(engine, tokens: list[int]) -> float:
-    from llmctl.engines.text import Done, GenerationOptions
-
-    for event in engine.generate_from_tokens(tokens, GenerationOptions(temperature=0,
-                                                                       max_tokens=1)):
-        if isinstance(event, Done):
-            return event.stats.prompt_tokens_per_second
-    raise AssertionError("no Done event")
-
-
-def llmctl_tg(engine, tokens: list[int], count: int) -> float:
-    from llmctl.engines.text import Done, GenerationOptions
-
-    options = GenerationOptions(temperature=0, max_tokens=count, ignore_eos=True)
-    for event in engine.generate_from_tokens(tokens, options):
-        if isinstance(event, Done):
-            assert event.stats.generated_tokens == count
-            return event.stats.generate_tokens_per_second
-    raise AssertionError("no Done event")
 
 
 def mlx_lm_run(model, tokenizer, tokens: list[int], count: int) -> tuple[float, float]:

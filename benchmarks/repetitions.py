@@ -1,5 +1,7 @@
 """What the benchmark scripts share: run every tool once per repetition in a shuffled
-order, and rows of best and median against a baseline tool."""
+order, rows of best and median against a baseline tool, and llmctl's side of an engine
+measured against its library (a prompt of a given length, pp and tg through the engine's
+`generate_from_tokens`, timed by its Stats)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,9 @@ from collections.abc import Callable
 from typing import TypeVar
 
 KEYS = ("pp", "tg")
+STORY = "Write a long story about a dragon who learns to paint."
+FILLER = ("The quick brown fox jumps over the lazy dog while the farmer counts his sheep "
+          "and the river runs past the old mill. ")
 T = TypeVar("T")
 Samples = dict[str, dict[str, list[float]]]
 
@@ -50,3 +55,35 @@ def ratio_rows(samples: Samples, baseline: str, digits: int) -> list[dict[str, o
             row[f"{key}_median_ratio"] = round(statistics.median(values[key]) / middle[key], 3)
         rows.append(row)
     return rows
+
+
+def prompt_tokens(engine, target: int) -> list[int]:
+    from llmctl.engines.text import Message
+
+    words = FILLER * (target // 20 + 4)
+    tokens = engine.prompt_tokens([Message("user", words)])
+    while len(tokens) > target:
+        words = words[:int(len(words) * target / len(tokens)) - 1]
+        tokens = engine.prompt_tokens([Message("user", words)])
+    return tokens
+
+
+def llmctl_pp(engine, tokens: list[int]) -> float:
+    from llmctl.engines.text import Done, GenerationOptions
+
+    for event in engine.generate_from_tokens(tokens, GenerationOptions(temperature=0,
+                                                                       max_tokens=1)):
+        if isinstance(event, Done):
+            return event.stats.prompt_tokens_per_second
+    raise AssertionError("no Done event")
+
+
+def llmctl_tg(engine, tokens: list[int], count: int) -> float:
+    from llmctl.engines.text import Done, GenerationOptions
+
+    options = GenerationOptions(temperature=0, max_tokens=count, ignore_eos=True)
+    for event in engine.generate_from_tokens(tokens, options):
+        if isinstance(event, Done):
+            assert event.stats.generated_tokens == count
+            return event.stats.generate_tokens_per_second
+    raise AssertionError("no Done event")

@@ -107,7 +107,7 @@ def test_hand_written_catalog_files_are_read_and_left_alone(
     (["x", "--url", "ftp://h/m.gguf"], "not an http(s) URL"),
     (["x", "--url", "https://user:secret@h/m.gguf"], "carries credentials"),
     (["x", "--url", "https://h/model.bin"], "pass --format"),
-    (["x", "--url", URL, "--format", "onnx"], "unknown format"),
+    (["x", "--url", URL, "--format", "tflite"], "unknown format"),
     (["x", "--url", URL, "--kind", "audio"], "unknown kind"),
     (["x", "--hf", "org/repo"], "--hf needs --file"),
     (["x", "--hf", "just-a-name", "--file", "m.gguf"], "not a Hugging Face repository"),

@@ -63,12 +63,13 @@ def test_shipped_catalog_entries_are_complete(catalog: Catalog) -> None:
             assert source.type in ("package", "hf", "url"), entry.reference
             if source.type == "hf":
                 assert re.fullmatch(r"[\w.-]+/[\w.-]+", source.options["repo"])
-            if source.type == "hf" and entry.kind == "text":
+            if source.type == "hf" and entry.format == "gguf":
                 assert entry.quantization in source.files, (entry.reference, source.files)
                 assert all(f.endswith(".gguf") for f in source.files.values())
-            if source.type == "hf" and entry.kind == "image":  # a folder: patterns
+            elif source.type == "hf":  # a folder model (ONNX, diffusers, Core ML): patterns
                 assert source.options["allow_patterns"], entry.reference
-                assert entry.parameters.get("steps"), entry.reference
+                if entry.kind == "image":
+                    assert entry.parameters.get("steps"), entry.reference
             if source.type == "url":
                 assert source.options["url"].startswith("https://"), entry.reference
             for digest in source.options.get("sha256", {}).values():

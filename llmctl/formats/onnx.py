@@ -9,7 +9,7 @@ the top or in one such subfolder, and `genai_folder` finds it.
 from __future__ import annotations
 
 import json
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 CONFIG = "genai_config.json"
@@ -22,6 +22,21 @@ def genai_folder(path: Path) -> Path | None:
         return path
     found = sorted(p.parent for p in path.rglob(CONFIG) if p.is_file())
     return found[0] if len(found) == 1 else None
+
+
+def build_roots(names: list[str]) -> list[str]:
+    """The folders among a repository's file names that hold a build, "" for the top:
+    genai_config.json with the .onnx graph beside it (a genai_config.json alone is no
+    model). As `coreml.model_roots` is for Core ML variants."""
+    from llmctl.formats import detect_format
+
+    def folder_of(name: str) -> str:
+        parent = PurePosixPath(name).parent.as_posix()
+        return "" if parent == "." else parent
+
+    folders = {folder_of(n) for n in names if PurePosixPath(n).name == CONFIG}
+    return sorted(folder for folder in folders if (found := detect_format(
+        [n for n in names if folder_of(n) == folder])) and found.format == "onnx")
 
 
 def read_genai_config(folder: Path) -> dict[str, Any]:

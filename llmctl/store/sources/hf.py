@@ -18,13 +18,13 @@ import glob
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from llmctl.errors import SourceUnavailable, UsageError
-from llmctl.formats import coreml, diffusers
+from llmctl.formats import coreml, diffusers, onnx
 from llmctl.formats import hf as hf_folder
 from llmctl.store.catalog import quantization_in
 from llmctl.store.names import HubRef, sanitize_name
@@ -197,7 +197,9 @@ def _choose_files(ref: HubRef, listing: _Listing) -> list[str]:
     selector = ref.selector
     if selector:
         if found := _by_name(files, selector):
-            return found
+            # A folder holding several builds ("cpu_and_mobile") still needs a choice.
+            return _one_build(ref, found, str(HubRef(ref.repo, selector, ref.revision))
+                              ) or found
         if ggufs:
             return [_by_quantization(ref, ggufs, selector, where)]
         raise UsageError(f"{where} has no file or folder '{selector}'"
@@ -260,20 +262,14 @@ def _listed(prefix: str, items: list[str], limit: int = 10) -> str:
 
 def _model_files(ref: HubRef, listing: _Listing) -> list[str]:
     """The files a repository without GGUF files needs, by what it is: a diffusers
-    pipeline, a Core ML model, or a safetensors checkpoint (MLX or Transformers)."""
+    pipeline, one build of a Core ML or ONNX Runtime GenAI model, or a safetensors
+    checkpoint (MLX or Transformers)."""
     files = listing.files
     where = str(HubRef(ref.repo, None, ref.revision))
     if "model_index.json" in files:
         return _diffusers_files(ref.repo, listing)
-    if roots := coreml.model_roots(files):
-        if len(roots) == 1:
-            root = roots[0]
-            return [f for f in files if f.startswith(root + "/")] if root else [
-                f for f in files if not _is_repo_furniture(f)]
-        raise UsageError(f"{where} holds several Core ML variants; choices: "
-                         f"{', '.join(r or '.' for r in roots)}",
-                         hint=f"pick one, e.g. llmctl pull "
-                              f"{HubRef(ref.repo, roots[0] or '*', ref.revision)}")
+    if (build := _one_build(ref, files, where)) is not None:
+        return build
     top = [f for f in files if "/" not in f]
     if "config.json" in top and any(f.endswith(".safetensors") for f in top):
         return hf_folder.checkpoint_files(top)
@@ -284,8 +280,52 @@ def _model_files(ref: HubRef, listing: _Listing) -> list[str]:
 
 
 def _is_repo_furniture(name: str) -> bool:
-    return name in (".gitattributes", "README.md", "LICENSE", "LICENSE.txt") or \
+    name = PurePosixPath(name).name
+    return name in (".gitattributes", "LICENSE", "LICENSE.txt") or \
         name.lower().endswith((".zip", ".png", ".jpg", ".md"))
+
+
+# --- builds published side by side -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Builds:
+    """A format whose repositories publish several builds of one model side by side, each
+    in a folder of its own (Apple's `split_einsum/compiled`, Microsoft's
+    `cpu_and_mobile/cpu-int4-rtn-block-32-acc-level-4`): a pull takes one."""
+
+    what: str  # what the error calls several of them
+    roots: Callable[[list[str]], list[str]]  # the folders holding a build, "" for the top
+    # Whether a build is its folder's whole tree (a Core ML model is a folder itself) or
+    # only the files directly in it (an ONNX build is flat; its parent may hold others).
+    nested: bool
+
+    def files(self, names: list[str], root: str) -> list[str]:
+        prefix = f"{root}/" if root else ""
+        return [n for n in names if n.startswith(prefix) and not _is_repo_furniture(n)
+                and (self.nested or "/" not in n[len(prefix):])]
+
+
+# Asked in order, after diffusers pipelines and before plain checkpoints.
+_BUILDS = (
+    _Builds("Core ML variants", coreml.model_roots, nested=True),
+    _Builds("ONNX Runtime GenAI builds", onnx.build_roots, nested=False),
+)
+
+
+def _one_build(ref: HubRef, files: list[str], where: str) -> list[str] | None:
+    """The files of the one build `files` hold; None when they hold no build of a format
+    in _BUILDS; a UsageError naming the folders to choose from when they hold several."""
+    for kind in _BUILDS:
+        if not (roots := kind.roots(files)):
+            continue
+        if len(roots) == 1:
+            return kind.files(files, roots[0])
+        raise UsageError(f"{where} holds several {kind.what}; choices: "
+                         f"{', '.join(r or '.' for r in roots)}",
+                         hint=f"pick one, e.g. llmctl pull "
+                              f"{HubRef(ref.repo, roots[0] or '*', ref.revision)}")
+    return None
 
 
 def _diffusers_files(repo: str, listing: _Listing) -> list[str]:

@@ -1,17 +1,19 @@
 """Models already on this machine: a .gguf file, a folder holding one, or a folder model
-(config.json with *.safetensors for mlx-lm; a diffusers or Core ML folder)."""
+(config.json with *.safetensors for mlx-lm; a diffusers, Core ML or ONNX Runtime GenAI
+folder)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from llmctl.errors import UsageError
-from llmctl.formats import detect_format
+from llmctl.formats import detect_format, onnx
 from llmctl.store.sources import LocalFiles
 
 SUFFIX = ".gguf"
-# Files at the top of a folder that make it a model of several files.
-FOLDER_MARKERS = ("config.json", "model_index.json")
+# Files at the top of a folder that make it a model of several files (the ONNX Runtime
+# GenAI builder writes no config.json).
+FOLDER_MARKERS = ("config.json", "model_index.json", onnx.CONFIG)
 
 
 def locate(path: Path) -> LocalFiles:
@@ -22,6 +24,8 @@ def locate(path: Path) -> LocalFiles:
         if folder := _folder_model(path):
             return folder
         found = sorted(p for p in path.iterdir() if p.suffix.lower() == SUFFIX and p.is_file())
+        if not found:
+            _builds_below(path)
         if len(found) != 1:
             what = "no .gguf file" if not found else f"{len(found)} .gguf files"
             raise UsageError(f"folder {path} holds {what}",
@@ -56,6 +60,23 @@ def _folder_model(folder: Path) -> LocalFiles | None:
     # snapshot) is stored by the files it points at.
     return LocalFiles([p.resolve() for p in files], names=names,
                       origin={"type": "path", "path": str(folder.resolve())})
+
+
+def _builds_below(folder: Path) -> None:
+    """A folder downloaded as Microsoft's ONNX repositories lay out their builds
+    (`cpu_and_mobile/cpu-int4-rtn-block-32-acc-level-4/`) is not itself the model: name
+    the build folders to pull instead (a build folder is pulled as it is)."""
+    builds = sorted(p.parent.relative_to(folder).as_posix() for p in folder.rglob(onnx.CONFIG)
+                    if p.parent != folder and _is_onnx_build(p.parent))
+    if builds:
+        raise UsageError(f"folder {folder} holds ONNX Runtime GenAI builds in subfolders: "
+                         f"{', '.join(builds)}",
+                         hint=f"pull one, e.g. llmctl pull {folder / builds[0]}")
+
+
+def _is_onnx_build(folder: Path) -> bool:
+    found = detect_format([p.name for p in folder.iterdir() if p.is_file()])
+    return found is not None and found.format == "onnx"
 
 
 def model_name(files: LocalFiles) -> str:
