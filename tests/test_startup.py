@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 HEAVY = {"torch", "mlx", "llama_cpp", "coremltools", "diffusers", "transformers",
-         "huggingface_hub", "numpy", "gguf", "jinja2"}
+         "huggingface_hub", "numpy", "gguf", "jinja2", "onnxruntime", "onnxruntime_genai",
+         "onnx", "accelerate", "safetensors"}
 
 
 def imported_modules(*args: str, env: dict[str, str] | None = None) -> set[str]:

@@ -205,3 +205,18 @@ def test_the_memory_guard_counts_float32_weights(llmctl: Runner, smollm2_hf: Pat
     fits_half = llmctl("run", str(smollm2_hf), "--engine", "transformers", "--dtype", "fp16",
                        "--max-tokens", "1", "Hi", env={"LLMCTL_MEMORY_LIMIT": "700M"})
     assert fits_half.returncode != 5, fits_half.stderr
+
+
+def test_without_torch_the_error_names_the_extra(llmctl: Runner, smollm2_hf: Path,
+                                                 tmp_path: Path) -> None:
+    # A torch that fails to import, ahead of the real one on the path: as on a machine
+    # where llmctl was installed without the torch extra (or with a broken torch).
+    blocked = tmp_path / "blocked" / "torch"
+    blocked.mkdir(parents=True)
+    (blocked / "__init__.py").write_text("raise ImportError('No module named torch')\n")
+    result = llmctl("run", str(smollm2_hf), "--engine", "transformers", "Hi",
+                    env={"PYTHONPATH": str(blocked.parent)})
+    assert result.returncode == 1, result.stderr
+    line = error_line(result)
+    assert "the transformers engine cannot run here" in line
+    assert "pip install 'llmctl[torch]'" in line
