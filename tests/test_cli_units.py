@@ -77,7 +77,7 @@ def test_registry_chooses_by_format_and_checks_overrides() -> None:
     with pytest.raises(errors.UsageError, match="unknown engine"):
         registry.choose("gguf", "text", "nope")
     with pytest.raises(errors.UsageError, match="no engine"):
-        registry.choose("onnx", "text")
+        registry.choose("tflite", "text")
 
 
 def test_a_missing_engine_library_names_the_install_command() -> None:

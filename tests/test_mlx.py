@@ -441,14 +441,18 @@ def test_killed_conversions_are_swept(layout: StoreLayout) -> None:
     assert not work.exists()
 
 
-def test_convert_help_and_store_need_no_heavy_imports(tmp_path: Path) -> None:
-    # A rejected conversion (bad options) answers before importing torch or mlx.
+@pytest.mark.parametrize("args", [("--to", "mlx", "--q-bits", "9"), ("--to", "onnx", "-q",
+                                                                    "int3")])
+def test_convert_help_and_store_need_no_heavy_imports(tmp_path: Path,
+                                                      args: tuple[str, ...]) -> None:
+    # A rejected conversion (bad options) answers before importing torch, mlx or onnx.
     result = subprocess.run(
-        [llmctl_executable(), "convert", "smollm2", "--to", "mlx", "--q-bits", "9"],
+        [llmctl_executable(), "convert", "smollm2", *args],
         capture_output=True, text=True, env={**os.environ, "LLMCTL_HOME": str(tmp_path),
                                              "PYTHONPROFILEIMPORTTIME": "1"},
         stdin=subprocess.DEVNULL, timeout=60)
     assert result.returncode == 2
     imported = {line.split("|")[-1].strip().split(".")[0]
                 for line in result.stderr.splitlines() if line.startswith("import time:")}
-    assert not imported & {"torch", "mlx", "mlx_lm", "transformers"}
+    assert not imported & {"torch", "mlx", "mlx_lm", "transformers", "onnxruntime_genai",
+                           "onnx"}

@@ -6,7 +6,6 @@ onnxruntime-genai's own model builder, served by the loopback Hub (olah) of test
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -28,17 +27,12 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
 CPU = "cpu_and_mobile/cpu-int4-rtn-block-32-acc-level-4"
 CUDA = "cuda/cuda-int4-rtn-block-32"
-# `show` and `run` load the engine module (show asks it which backend it runs on).
-needs_engine = pytest.mark.skipif(importlib.util.find_spec("llmctl.engines.onnx") is None,
-                                  reason="the onnx engine (llmctl/engines/onnx.py) is not "
-                                         "written yet")
 
 
 @pytest.fixture(scope="module")
 def onnx_build(smollm2_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """SmolLM2 as an ONNX Runtime GenAI folder (int4, CPU), made by the real builder:
     model.onnx, model.onnx.data, genai_config.json, the tokenizer files."""
-    pytest.importorskip("onnxruntime_genai")
     root = tmp_path_factory.mktemp("onnx")
     out = root / "smollm2-onnx"
     result = subprocess.run(
@@ -111,12 +105,11 @@ def test_pull_a_local_build(llmctl: Runner, onnx_build: Path) -> None:
     assert (listed["kind"], listed["engine"], listed["format"]) == ("text", "onnx", "onnx")
 
 
-@needs_engine
 def test_show_a_pulled_build(llmctl: Runner, onnx_build: Path) -> None:
     assert llmctl("pull", "-q", str(onnx_build)).returncode == 0
     shown = llmctl("show", "--json", "smollm2-onnx")
     assert shown.returncode == 0, shown.stderr
-    [details] = json.loads(shown.stdout)
+    details = json.loads(shown.stdout)
     assert (details["kind"], details["engine"], details["format"]) == ("text", "onnx", "onnx")
 
 
@@ -213,7 +206,6 @@ def test_shipped_onnx_entries(llmctl: Runner) -> None:
             assert source.type == "hf" and source.options["allow_patterns"], entry.reference
 
 
-@needs_engine
 def test_run_the_pulled_builds(llmctl: Runner, onnx_repos: OnnxRepos, onnx_build: Path) -> None:
     env = onnx_repos.env()
     assert llmctl("pull", "-q", str(onnx_build)).returncode == 0

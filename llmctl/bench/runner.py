@@ -492,7 +492,7 @@ def _available(spec: Any) -> bool:
 # -- the machine -----------------------------------------------------------------------------
 
 LIBRARIES = ("llama-cpp-python", "mlx", "mlx-lm", "torch", "diffusers", "coremltools",
-             "transformers")
+             "transformers", "onnxruntime-genai")
 
 
 def machine() -> Machine:

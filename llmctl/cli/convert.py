@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from enum import StrEnum
 from typing import Annotated, Any
 
@@ -10,13 +11,18 @@ import typer
 from llmctl.cli.options import JsonOpt, ModelArg
 from llmctl.cli.output import Output
 from llmctl.convert.coreml.attention import AttentionImplementation  # an enum; no torch
+from llmctl.convert.onnx import Provider  # an enum; no onnxruntime
 from llmctl.units import format_bytes
+
+# `-q` may be given without a value (`--to mlx -q`, `--to onnx -q`): the app then passes "".
+OPTIONAL_VALUES = {"-q": "", "--quantize": ""}
 
 
 class Target(StrEnum):
     """`--to`: one member per row of llmctl.convert.TARGETS."""
 
     mlx = "mlx"
+    onnx = "onnx"
     coreml = "coreml"
 
 
@@ -30,9 +36,10 @@ def convert(
     to: Annotated[Target, typer.Option(
         "--to", help="The format to convert to.", case_sensitive=False,
         show_default=False)],
-    quantize: Annotated[bool, typer.Option(
-        "--quantize", "-q", help="Quantize the weights (mlx: 4 bits unless --q-bits).")
-    ] = False,
+    quantize: Annotated[str | None, typer.Option(
+        "--quantize", "-q", metavar="[PRECISION]", help="Quantize the weights. mlx: bare -q "
+        "is 4 bits, -q 8 (or --q-bits 8) other bits; onnx: int4 (bare -q, and the default), "
+        "int8, fp16 or fp32.", show_default=False)] = None,
     q_bits: Annotated[int | None, typer.Option(
         "--q-bits", metavar="BITS", help="Bits per weight when quantizing: 2, 3, 4, 5, 6 "
         "or 8; implies -q. [default: 4]", show_default=False)] = None,
@@ -40,9 +47,12 @@ def convert(
         "--q-group-size", metavar="SIZE", help="Weights per quantization group: 32, 64 or "
         "128; implies -q. [default: 64; 32 for a GGUF model, whose own blocks are 32 wide]",
         show_default=False)] = None,
+    provider: Annotated[Provider | None, typer.Option(
+        "--execution-provider", case_sensitive=False, help="onnx: where the result will run: "
+        "cpu, cuda or dml (DirectML). [default: cpu]", show_default=False)] = None,
     name: Annotated[str | None, typer.Option(
         "--name", metavar="NAME[:TAG]", help="Store the result under this name. [default: "
-        "the model's name, its tag + -mlx, -mlx-q4, -coreml-split_einsum_v2...]",
+        "the model's name, its tag + -mlx-q4, -onnx-int4, -coreml-split_einsum_v2...]",
         show_default=False)] = None,
     force: Annotated[bool, typer.Option(
         "--force", help="Convert again even if the result is stored.")] = False,
@@ -89,11 +99,13 @@ def convert(
     folder Apple's pipelines read (TextEncoder, Unet or UnetChunk1/2, VAEDecoder, vocab.json,
     merges.txt); an interrupted conversion keeps its finished components for the next run.
 
-    --to mlx takes a text model, GGUF (dequantized through transformers first) or a Hugging
-    Face safetensors checkpoint, from the store, the catalog, hf:// or a path, and converts
-    it with mlx-lm. The work happens under $LLMCTL_HOME/tmp; the result is stored only when
-    complete, so an interrupted conversion leaves nothing behind. stdout gets the new
-    model's name (--json: its manifest); progress goes to stderr.
+    --to mlx and --to onnx take a text model, GGUF (dequantized through transformers first)
+    or a Hugging Face safetensors checkpoint, from the store, the catalog, hf:// or a path;
+    mlx-lm converts to MLX, onnxruntime-genai's model builder to ONNX (int4 unless -q says
+    otherwise, for the CPU unless --execution-provider says otherwise). The work happens
+    under $LLMCTL_HOME/tmp; the result is stored only when complete, so an interrupted
+    conversion leaves nothing behind. stdout gets the new model's name (--json: its
+    manifest); progress goes to stderr.
 
     Examples:
 
@@ -101,6 +113,8 @@ def convert(
         llmctl convert smollm2 --to mlx -q           # stored as smollm2:135m-mlx-q4
         llmctl run smollm2:135m-mlx-q4 "Hello"       # runs on the mlx engine
         llmctl convert ./my-hf-checkpoint --to mlx --q-bits 8 --name mine:8bit
+        llmctl convert smollm2 --to onnx             # stored as smollm2:135m-onnx-int4
+        llmctl convert smollm2 --to onnx -q fp16 --execution-provider cuda
         llmctl convert sd15 --to coreml --quantize-nbits 6 --min-deployment-target iOS17
     """
     from llmctl.cli.options import open_store
@@ -113,9 +127,14 @@ def convert(
               "--vae-encoder": vae_encoder or None, "--safety-checker": safety_checker or None,
               "--low-memory": low_memory or None, "--via": via if via is Via.apple else None}
     options: Any
+    if to is not Target.coreml and (given := [o for o, v in coreml.items() if v is not None]):
+        raise UsageError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for "
+                         "--to coreml")
+    if provider is not None and to is not Target.onnx:
+        raise UsageError("--execution-provider is for --to onnx")
     if to is Target.coreml:
-        if quantize or q_bits is not None or q_group_size is not None:
-            raise UsageError("-q, --q-bits and --q-group-size are for --to mlx",
+        if quantize is not None or q_bits is not None or q_group_size is not None:
+            raise UsageError("-q, --q-bits and --q-group-size are for --to mlx and onnx",
                              hint="--to coreml palettizes with --quantize-nbits")
         from llmctl.convert.coreml.options import CoremlOptions
 
@@ -127,15 +146,12 @@ def convert(
             compute_unit=_compute_unit(compute_unit) or defaults.compute_unit,
             vae_encoder=vae_encoder, safety_checker=safety_checker,
             one_process_per_component=low_memory, via_apple=via is Via.apple)
-    else:
-        if given := [option for option, value in coreml.items() if value is not None]:
-            raise UsageError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for "
-                             "--to coreml")
-        from llmctl.convert.mlx import DEFAULT_BITS, MlxOptions
+    elif to is Target.onnx:
+        from llmctl.convert.onnx import options_from_cli
 
-        options = MlxOptions(
-            quantize=quantize or q_bits is not None or q_group_size is not None,
-            bits=DEFAULT_BITS if q_bits is None else q_bits, group_size=q_group_size)
+        options = options_from_cli(quantize, provider, q_bits, q_group_size)
+    else:
+        options = _mlx_options(quantize, q_bits, q_group_size)
     out = Output(json_mode=json)
     layout, catalog = open_store()
     with out.progress() as report:
@@ -151,6 +167,24 @@ def convert(
     out.info(f"{manifest.reference}: {format_bytes(manifest.size)}{bits}, converted from "
              f"{result.source} in {result.seconds:.0f}s{peak}")
     out.item(manifest.to_dict(), manifest.reference)
+
+
+def _mlx_options(quantize: str | None, q_bits: int | None, q_group_size: int | None) -> Any:
+    """-q (bare: 4 bits; -q 8, -q int8, -q 8bit: those bits), --q-bits, --q-group-size."""
+    from llmctl.convert.mlx import DEFAULT_BITS, MlxOptions
+    from llmctl.errors import UsageError
+
+    named = re.fullmatch(r"(?:int|q)?(\d+)(?:-?bits?)?", (quantize or "").strip().lower())
+    if quantize and named is None:
+        raise UsageError(f"-q {quantize} is not a number of bits",
+                         hint="use -q (4 bits), -q 8 or --q-bits 8")
+    if named and q_bits not in (None, int(named[1])):
+        raise UsageError(f"-q {quantize} and --q-bits {q_bits} disagree",
+                         hint="give the bits once")
+    bits = int(named[1]) if named else q_bits
+    return MlxOptions(quantize=quantize is not None or bits is not None or q_group_size
+                      is not None, bits=DEFAULT_BITS if bits is None else bits,
+                      group_size=q_group_size)
 
 
 def _compute_unit(text: str | None) -> str | None:

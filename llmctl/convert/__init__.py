@@ -3,6 +3,7 @@ module per target, imported only when a conversion to it runs (they pull in torc
 transformers, mlx, coremltools):
 
     mlx.py    text models, GGUF or Hugging Face safetensors -> MLX (through mlx-lm)
+    onnx.py   text models, GGUF or Hugging Face safetensors -> ONNX Runtime GenAI
     coreml/   Stable Diffusion pipelines (diffusers) -> Core ML, in Apple's layout
 
 The frame does what every conversion does: check the options, find the source (pulled
@@ -40,7 +41,8 @@ from llmctl.store.sources import LocalFiles
 
 # `--to` -> the module that converts to it, imported only when a conversion runs; each
 # module has a TARGET.
-TARGETS = {"mlx": "llmctl.convert.mlx", "coreml": "llmctl.convert.coreml"}
+TARGETS = {"mlx": "llmctl.convert.mlx", "onnx": "llmctl.convert.onnx",
+           "coreml": "llmctl.convert.coreml"}
 PREFIX = "convert-"
 
 

@@ -94,15 +94,7 @@ class MlxTarget(Target):
             GGUF_GROUP_SIZE if source.format == "gguf" else DEFAULT_GROUP_SIZE)
         with layout.work_lock(f"convert-{reference_part(request.reference)}"), \
                 work_folder(layout) as work:
-            dtype = None
-            if source.format == "gguf":
-                quantization = source.header.quantization if source.header else None
-                status = f"dequantizing the {quantization or 'GGUF'} weights (transformers)"
-                step(status)
-                hf_folder, dtype = dequantize_gguf(
-                    source, work, on_progress=lambda done, total: step(status, done, total))
-            else:
-                hf_folder = source.path
+            hf_folder, dtype = hf_checkpoint(source, work, step)
             out = work / "mlx"
             report = _MlxLmReport(step, options.bits, group_size)
             step("converting to MLX (mlx-lm)")
@@ -116,6 +108,20 @@ class MlxTarget(Target):
 
 
 TARGET = MlxTarget()
+
+
+def hf_checkpoint(source: Runnable, work: Path, step: Callable[..., None]
+                  ) -> tuple[Path, str | None]:
+    """The source as a Hugging Face checkpoint folder, what mlx-lm and onnxruntime-genai's
+    builder read: a GGUF model dequantized into work/hf (with progress steps), a
+    checkpoint as it is; and the dtype a dequantized one was written in."""
+    if source.format != "gguf":
+        return source.path, None
+    quantization = source.header.quantization if source.header else None
+    status = f"dequantizing the {quantization or 'GGUF'} weights (transformers)"
+    step(status)
+    return dequantize_gguf(source, work,
+                           on_progress=lambda done, total: step(status, done, total))
 
 
 def dequantize_gguf(source: Runnable, work: Path,

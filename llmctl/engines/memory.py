@@ -50,6 +50,9 @@ from llmctl.host import MEMORY_LIMIT_ENV, MEMORY_SHARE, allowed_memory
 
 OVERHEAD = 64 * 1024**2
 KV_BYTES = 2  # f16, llama.cpp's default cache type and MLX's for fp16/bf16 models
+# onnxruntime-genai keeps the KV cache in the model's input type, float32 in CPU builds
+# (int4 ones included), and allocates it for the whole context at once.
+ONNX_KV_BYTES = 4
 LOGITS_BYTES = 4
 MICRO_BATCH = 512  # llama.cpp's default n_ubatch
 LLAMA_CELLS = 256  # llama.cpp rounds the context up to a multiple of this
@@ -160,7 +163,8 @@ def estimate_text_memory(model: TextModelFiles, context_length: int | None, *,
     cells = -(-cells // step) * step
     return MemoryEstimate(
         weights=weights,
-        kv_cache=cells * shape.kv_per_token * KV_BYTES,
+        kv_cache=cells * shape.kv_per_token * (ONNX_KV_BYTES if model.format == "onnx"
+                                                else KV_BYTES),
         logits=min(cells, MICRO_BATCH) * shape.vocabulary * LOGITS_BYTES,
         overhead=OVERHEAD,
         context_length=cells,
