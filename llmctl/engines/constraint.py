@@ -154,9 +154,11 @@ class Matcher:
         return bits[:self.size].astype(bool)
 
     def mask(self, logits: Any) -> None:
-        """-inf in `logits` (a numpy array over the vocabulary) for every token not
-        allowed."""
-        logits[~self.allowed()] = -self._np.inf
+        """-inf in `logits` (a numpy array over the vocabulary, or over the model's
+        padded one: the padding past `size` is no token, never allowed) for every token
+        not allowed, in place."""
+        logits[:self.size][~self.allowed()] = -self._np.inf
+        logits[self.size:] = -self._np.inf
 
     def consume(self, token: int) -> None:
         self._matcher.consume_token(token)

@@ -284,7 +284,7 @@ class OnnxEngine(TokenEngine):
                     # Runs the model on the token before (when one is pending), then
                     # leaves the sampler only the tokens the grammar allows.
                     logits = generator.get_logits()
-                    _mask(logits.reshape(-1), matcher)
+                    matcher.mask(logits.reshape(-1))
                     generator.set_logits(logits)
                 generator.generate_next_token()
                 self._pending = True
@@ -323,14 +323,6 @@ def _kind(options: GenerationOptions) -> tuple[bool, bool] | None:
     """What a generator made for `options` can serve again: (greedy, ignore_eos) for a
     greedy reply; None for a sampled one, which needs a generator seeded for it."""
     return (True, options.ignore_eos) if options.temperature <= 0 else None
-
-
-def _mask(logits: Any, matcher: Matcher) -> None:
-    """Every token the matcher leaves out at -inf, in place (and the model's padding past
-    the tokenizer's vocabulary, which no grammar allows)."""
-    size = matcher.size
-    matcher.mask(logits[:size])
-    logits[size:] = -float("inf")
 
 
 class StreamDetokenizer:

@@ -219,8 +219,7 @@ class TransformersEngine(TokenEngine):
         torch = self.lib.torch
         generator = torch.Generator().manual_seed(options.seed)
         warpers = self._warpers(options) if options.temperature > 0 else []
-        if self._cache is None:
-            self._cache = self.lib.DynamicCache()
+        # `_trim_cache` has run before: the cache is there, holding the prefix kept.
         return self._stream(tokens, warpers, generator, matcher)
 
     def _stream(self, tokens: list[int], warpers: list[Any], generator: Any,
@@ -234,7 +233,7 @@ class TransformersEngine(TokenEngine):
             while True:
                 logits = out.logits[0, -1].float().cpu()
                 if matcher is not None:
-                    logits = _mask(torch, logits, matcher)
+                    matcher.mask(logits.numpy())  # in place: the array shares its memory
                 if warpers:
                     scores = logits[None]
                     for warper in warpers:
@@ -270,16 +269,6 @@ class TransformersEngine(TokenEngine):
         torch = self.lib.torch
         if self.device.startswith("cuda"):
             torch.cuda.empty_cache()
-
-
-def _mask(torch: Any, logits: Any, matcher: Matcher) -> Any:
-    """Every token the matcher leaves out at -inf (and the model's padding past the
-    tokenizer's vocabulary, which no grammar allows)."""
-    allowed = torch.tensor(matcher.allowed(), dtype=torch.bool)
-    size = logits.shape[-1]
-    if size > matcher.size:
-        allowed = torch.cat([allowed, torch.zeros(size - matcher.size, dtype=torch.bool)])
-    return logits.masked_fill(~allowed[:size], float("-inf"))
 
 
 def _end_tokens(model: Any, tokenizer: Any) -> set[int]:
