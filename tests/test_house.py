@@ -15,8 +15,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "llmctl"
 # floors below it, never one above.
 FLOORS: list[tuple[str, ...]] = [
     ("llmctl.__main__", "llmctl.cli"),
-    ("llmctl.loader", "llmctl.chat", "llmctl.gallery", "llmctl.convert", "llmctl.bench",
-     "llmctl.batch"),
+    ("llmctl.loader", "llmctl.chat", "llmctl.gallery", "llmctl.transcript", "llmctl.convert",
+     "llmctl.bench", "llmctl.batch"),
     ("llmctl.engines",),
     ("llmctl.store",),
     ("llmctl.formats", "llmctl.units", "llmctl.host", "llmctl.errors", "llmctl.data",

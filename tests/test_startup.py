@@ -12,7 +12,8 @@ import pytest
 
 HEAVY = {"torch", "mlx", "llama_cpp", "coremltools", "diffusers", "transformers",
          "huggingface_hub", "numpy", "gguf", "jinja2", "onnxruntime", "onnxruntime_genai",
-         "onnx", "accelerate", "safetensors"}
+         "onnx", "accelerate", "safetensors", "faster_whisper", "ctranslate2", "av",
+         "mlx_whisper", "pywhispercpp", "tokenizers"}
 
 
 def imported_modules(*args: str, env: dict[str, str] | None = None) -> set[str]:
@@ -30,7 +31,8 @@ def imported_modules(*args: str, env: dict[str, str] | None = None) -> set[str]:
                                   ("ls", "--available", "--fits", "--json"),
                                   ("catalog", "ls"), ("import", "--help"),
                                   ("convert", "--help"), ("imagine", "--help"),
-                                  ("ls", "--images"), ("ls", "--images", "--json")])
+                                  ("ls", "--images"), ("ls", "--images", "--json"),
+                                  ("transcribe", "--help"), ("bench", "--help")])
 def test_command_imports_nothing_heavy(args: tuple[str, ...]) -> None:
     modules = imported_modules(*args)
     assert "typer" in modules  # the measurement works

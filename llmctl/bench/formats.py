@@ -21,7 +21,7 @@ from llmctl.bench.results import Change, Machine, Result, Unit
 from llmctl.errors import UsageError
 from llmctl.units import format_count
 
-_DECIMALS: dict[str, int] = {"t/s": 2, "ms": 2, "s": 3}
+_DECIMALS: dict[str, int] = {"t/s": 2, "ms": 2, "s": 3, "rtf": 4}
 # The machine's columns after the row's own, with their SQL types.
 _MACHINE_COLUMNS = (
     ("cpu", "TEXT"), ("cores", "INTEGER"), ("ram_bytes", "INTEGER"), ("os", "TEXT"),

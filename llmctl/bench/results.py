@@ -13,12 +13,14 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-Unit = Literal["t/s", "ms", "s"]
+Unit = Literal["t/s", "ms", "s", "rtf"]
 # What a row measures. pp: prompt processing; tg: generation; pg: both in one request;
 # ttft: time to the first token; load: opening the model (cache "cold" or "warm");
 # prompt-ttft / prompt-tg: one prompt of the shipped prompt set through the chat template;
-# step / image: seconds per denoising step and per image of an image model.
-Kind = Literal["pp", "tg", "pg", "ttft", "load", "prompt-ttft", "prompt-tg", "step", "image"]
+# step / image: seconds per denoising step and per image of an image model; rtf: a speech
+# model's real-time factor (seconds of processing per second of audio: below 1 is faster).
+Kind = Literal["pp", "tg", "pg", "ttft", "load", "prompt-ttft", "prompt-tg", "step", "image",
+               "rtf"]
 
 
 def mean_stddev(values: list[float]) -> tuple[float, float]:
@@ -136,7 +138,8 @@ class Run:
 
 
 def value(unit: Unit, tokens: int, seconds: float) -> float:
-    """A sample's value in its row's unit: tokens/s, or the duration in ms or s."""
+    """A sample's value in its row's unit: tokens/s, or the duration in ms or s (rtf rows
+    hold their ratio as it is)."""
     if unit == "t/s":
         return tokens / seconds if seconds > 0 else 0.0
     return seconds * 1000.0 if unit == "ms" else seconds

@@ -15,7 +15,9 @@ what is measured is what `run` and `chat` do, sampling included: greedy, the che
 
 The tokens of pp, tg and depth are real text (the shipped long prompt, repeated), so that
 engines with the same tokenizer process the same tokens. Image models get seconds per
-denoising step and per image. Nothing here prints: progress goes to `on_progress`.
+denoising step and per image; speech models their real-time factor on an audio file
+(--audio, else a shipped 37-second clip of read speech), on the transcription loop
+`transcribe` uses. Nothing here prints: progress goes to `on_progress`.
 """
 
 from __future__ import annotations
@@ -31,9 +33,18 @@ from typing import Any
 
 from llmctl import host, loader
 from llmctl.bench.results import Machine, Result, Run, Unit, mean_stddev, value
-from llmctl.bench.settings import DEFAULT_STEPS, Settings, TextTest, prompt_set
-from llmctl.engines import registry
+from llmctl.bench.settings import DEFAULT_STEPS, Settings, TextTest, prompt_set, speech_clip
+from llmctl.engines import audio, registry
 from llmctl.engines.image import ImageEngine, ImageLoadOptions, ImageRequest, Rendered
+from llmctl.engines.speech import (
+    Audio,
+    SpeechEngine,
+    SpeechLoadOptions,
+    SpeechRequest,
+    SpeechStats,
+    Transcribed,
+    transcribe,
+)
 from llmctl.engines.text import (
     Done,
     GenerationOptions,
@@ -424,6 +435,58 @@ def _image_row(opened: Opened[ImageEngine]) -> Result:
         kind="step", unit="s")
 
 
+# -- speech models ---------------------------------------------------------------------------
+
+def bench_speech(candidate: Candidate, run: Context) -> list[Result]:
+    """The real-time factor of transcribing the audio (--audio, else the shipped clip), and
+    the load rows, on one speech model."""
+    settings = run.settings
+    name = settings.audio or speech_clip()
+    seconds = audio.probe(name) or 0.0
+
+    def open_model() -> Opened[SpeechEngine]:
+        return loader.open_speech(parse_reference(candidate.reference), run.layout,
+                                  run.catalog, audio_seconds=seconds, engine=candidate.engine,
+                                  options=SpeechLoadOptions(), force=run.force,
+                                  on_event=run.on_event, on_note=run.on_note)
+
+    opened = open_model()  # imports the engine's library: not timed
+    loads: list[Result] = []
+    try:
+        if settings.load:
+            opened.engine.close()
+            loads = _load_rows(_speech_row(opened), opened.model, run, open_model)
+            opened = open_model()
+        decoded = audio.decode(name)
+        request = SpeechRequest(language="en" if settings.audio is None else None)
+        row = replace(_speech_row(opened), test=f"rtf {decoded.seconds:.0f}s", kind="rtf",
+                      unit="rtf")
+        samples: list[tuple[int, float]] = []
+        for stats in _repeat(lambda: _transcribed(opened.engine, decoded, request), row, run):
+            samples.append((_ns(stats.processing_seconds), stats.real_time_factor))
+            _report(row, samples, settings, run)
+        return [_with_samples(row, samples), *loads]
+    finally:
+        opened.engine.close()
+
+
+def _transcribed(engine: SpeechEngine, decoded: Audio, request: SpeechRequest
+                 ) -> SpeechStats:
+    for event in transcribe(engine, decoded, request):
+        if isinstance(event, Transcribed):
+            return event.stats
+    raise EngineFailure(f"the {engine.name} engine ended without its statistics")
+
+
+def _speech_row(opened: Opened[SpeechEngine]) -> Result:
+    model, engine = opened.model, opened.engine
+    return Result(
+        model=model.name, model_digest=model.manifest.digest if model.manifest else "",
+        model_format=model.format, model_size=_model_size(model), model_params=None,
+        engine=opened.spec.name, backend=engine.device.upper(), threads=None, ctx=None,
+        test="", kind="rtf", unit="rtf")
+
+
 # -- a run ---------------------------------------------------------------------------------
 
 def bench(models: list[str], run: Context, engines: tuple[str, ...] = (),
@@ -434,12 +497,20 @@ def bench(models: list[str], run: Context, engines: tuple[str, ...] = (),
     for candidate in candidates(models, engines, run):
         kind = _target(candidate, run).kind
         _check_kind(candidate, kind, run.settings)
-        bench_kind = bench_text if kind == "text" else bench_image
+        bench_kind = {"text": bench_text, "image": bench_image, "speech": bench_speech}[kind]
         run.results += bench_kind(candidate, run)
     return Run(machine(), run.results, started, argv or [])
 
 
 def _check_kind(candidate: Candidate, kind: str, settings: Settings) -> None:
+    if settings.audio is not None and kind != "speech":
+        article = "an" if kind == "image" else "a"
+        raise UsageError(f"--audio is for speech models; {candidate.reference} is {article} "
+                         f"{kind} model", hint="leave it out, or bench a Whisper model")
+    if kind == "speech" and (settings.text_options or settings.steps is not None
+                             or settings.width is not None):
+        raise UsageError(f"{candidate.reference} is a speech model: it is measured on "
+                         "--audio and -r only", hint="leave out the text and image options")
     image_options = settings.steps is not None or settings.width is not None
     if kind == "text" and image_options:
         raise UsageError(f"--steps and --size are for image models; {candidate.reference} "
@@ -492,7 +563,8 @@ def _available(spec: Any) -> bool:
 # -- the machine -----------------------------------------------------------------------------
 
 LIBRARIES = ("llama-cpp-python", "mlx", "mlx-lm", "torch", "diffusers", "coremltools",
-             "transformers", "onnxruntime-genai")
+             "transformers", "onnxruntime-genai", "faster-whisper", "ctranslate2",
+             "mlx-whisper", "pywhispercpp")
 
 
 def machine() -> Machine:

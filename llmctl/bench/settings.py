@@ -55,13 +55,14 @@ class Settings:
     width: int | None = None
     height: int | None = None
     text_options: tuple[str, ...] = ()  # text-only options the user gave (-d, -pg, ...)
+    audio: str | None = None  # speech models: the audio file; None: the shipped clip
 
     @classmethod
     def from_options(cls, *, n_prompt: str | None, n_gen: str | None,
                      pg: list[str] | None, depth: str | None, repetitions: int,
                      threads: str | None, ctx: int | None, warmup: bool, load: bool,
-                     prompt_set: str | None, steps: int | None, size: str | None
-                     ) -> Settings:
+                     prompt_set: str | None, steps: int | None, size: str | None,
+                     audio: str | None = None) -> Settings:
         """The settings from the command line's options as typed (comma lists, "512" or
         "768x512"), checked (UsageError for what no model could run)."""
         given = {"-p": n_prompt, "-n": n_gen, "-pg": pg, "-d": depth, "--threads": threads,
@@ -79,7 +80,8 @@ class Settings:
             threads=numbers(threads, "--threads") if threads else (None,), ctx=ctx,
             warmup=warmup, load=load, prompt_set=prompts, steps=steps,
             width=size_of(size)[0] if size else None, height=size_of(size)[1] if size else None,
-            text_options=tuple(name for name, v in given.items() if v is not None))
+            text_options=tuple(name for name, v in given.items() if v is not None),
+            audio=audio)
         settings.check()
         return settings
 
@@ -152,3 +154,9 @@ def prompt_set() -> dict[str, str]:
     """The shipped prompts by name, shortest first."""
     text = resources.files("llmctl.data").joinpath("bench_prompts.toml").read_text("utf-8")
     return {entry["name"]: entry["text"] for entry in tomllib.loads(text)["prompt"]}
+
+
+def speech_clip() -> str:
+    """The speech clip speech models are measured on without --audio: "The North Wind and
+    the Sun" read by espeak-ng, 37 s (benchmarks/speech_clip.py makes it)."""
+    return str(resources.files("llmctl.data").joinpath("bench_speech.ogg"))

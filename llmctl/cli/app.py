@@ -26,6 +26,7 @@ COMMANDS = {
     "run": "Run a model on one prompt and stream the reply to stdout.",
     "chat": "Chat with a model, in the terminal or through a pipe.",
     "imagine": "Generate images from a text prompt and print the paths of the PNG files.",
+    "transcribe": "Transcribe speech to text with a Whisper model.",
     "convert": "Convert a model to another engine's format and store the result.",
     "bench": "Measure models: tokens/s, time to first token, load time, seconds per image.",
     "import": "Register models already on disk (Ollama's store, the Hugging Face cache).",

@@ -50,6 +50,9 @@ def bench(
     size: Annotated[str | None, typer.Option(
         help="Image size: 512 or WIDTHxHEIGHT (image models). [default: the model's]",
         show_default=False)] = None,
+    audio: Annotated[str | None, typer.Option(
+        metavar="FILE", help="Speech models: the audio to transcribe. [default: a shipped "
+        "37 s clip of read English]", show_default=False)] = None,
     output: Annotated[str, typer.Option(
         "-o", "--output", help="md, csv, json, jsonl or sql (CREATE TABLE + INSERT).")] = "md",
     json: Annotated[bool, typer.Option("--json", help="The same as -o json.")] = False,
@@ -66,8 +69,10 @@ def bench(
 
     Tests as llama-bench runs them (pp512: a 512-token prompt; tg128: 128 generated
     tokens; pg512,128: both in one request), each -r times after a warm-up, as mean ±
-    stddev. With --engine llama,mlx the model's stored conversions (llmctl convert) run too,
-    in the same table. Every run is saved in the store's history unless --no-save.
+    stddev. Image models: seconds per step and per image. Speech models: the real-time
+    factor (seconds of processing per second of audio; below 1 is faster than real time).
+    With --engine llama,mlx the model's stored conversions (llmctl convert) run too, in
+    the same table. Every run is saved in the store's history unless --no-save.
     Progress goes to stderr; the table to stdout.
 
     Examples:
@@ -80,6 +85,7 @@ def bench(
         llmctl bench smollm2 --compare last
         llmctl bench --history
         llmctl bench sd1.5 --steps 20 --size 512
+        llmctl bench whisper whisper:small -r 3 --audio memo.m4a
     """
     import sys
 
@@ -104,7 +110,7 @@ def bench(
     settings = Settings.from_options(
         n_prompt=n_prompt, n_gen=n_gen, pg=pg, depth=depth, repetitions=repetitions,
         threads=threads, ctx=ctx, warmup=warmup, load=load, prompt_set=prompt_set,
-        steps=steps, size=size)
+        steps=steps, size=size, audio=audio)
     engines = tuple(names(engine, "--engine")) if engine else ()
     with out.progress() as report:
         run = runner.bench(models, runner.Context(

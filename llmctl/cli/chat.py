@@ -71,6 +71,9 @@ def chat(
     no_cache: Annotated[bool, typer.Option(
         "--no-cache", help="Process the whole conversation for every reply, and save no "
         "cache with it.")] = False,
+    listen_model: Annotated[str, typer.Option(
+        metavar="MODEL", help="The speech model /listen transcribes with (loaded at the "
+        "first /listen).", autocompletion=complete_model)] = "whisper",
     json: JsonOpt = False,
     verbose: VerboseOpt = False,
     force: ForceOpt = False,
@@ -95,6 +98,7 @@ def chat(
     \b
         llmctl chat smollm2
         llmctl chat smollm2 --system "Answer in French." --temperature 0
+        llmctl chat smollm2 --listen-model whisper:small   (then: /listen memo.m4a)
         llmctl chat smollm2 --system-file persona.txt --stop "User:"
         printf 'A cat\nA dog\n' | llmctl chat smollm2 --json-schema animal.json --json
         printf 'Hi\\nBye\\n' | llmctl chat smollm2 --json | jq -r 'select(.type=="done").text'
@@ -161,7 +165,14 @@ def chat(
     if not sys.stdin.isatty():
         piped(out, session, meta, verbose)
     else:
-        interactive(out, session, verbose, resumed=resume is not None)
+        from llmctl.transcript import Listener
+
+        listener = Listener(listen_model, layout, catalog, on_note=out.note)
+        session.listen = lambda path: listener.hear(path)[0]
+        try:
+            interactive(out, session, verbose, resumed=resume is not None)
+        finally:
+            listener.close()
     kv.save(session.conversation, out.note)
 
 

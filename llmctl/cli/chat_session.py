@@ -73,6 +73,10 @@ def interactive(out: Output, session: ChatSession, verbose: bool, resumed: bool)
                     out.stats(done.stats, session.engine)
                 if done.stop:
                     break
+                if done.send:
+                    stats = stream_reply(out, session, done.send)
+                    if verbose:
+                        out.stats(stats, session.engine)
             elif text:
                 stats = stream_reply(out, session, text)
                 if verbose:

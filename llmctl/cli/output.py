@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TextIO, TypeVar
 from llmctl.units import format_bytes, format_seconds
 
 if TYPE_CHECKING:
+    from llmctl.engines.speech import SpeechStats
     from llmctl.engines.text import Stats, TextEngine
     from llmctl.loader import Note
 
@@ -210,6 +211,22 @@ class Output:
             + f"peak memory:       {format_bytes(stats.peak_memory_bytes)}"
         )
 
+    def speech_stats(self, source: str, stats: SpeechStats) -> None:
+        """transcribe --verbose: one input's statistics, on stderr."""
+        detected = (f" (detected, p={stats.language_probability:.2f})"
+                    if stats.language_probability is not None else "")
+        self.info(
+            f"{source}:\n"
+            f"  load duration:     {stats.load_seconds:.2f}s\n"
+            f"  audio:             {format_seconds(stats.audio_seconds)}\n"
+            f"  processing:        {format_seconds(stats.processing_seconds)}\n"
+            f"  real-time factor:  {stats.real_time_factor:.3f} "
+            f"({1 / stats.real_time_factor if stats.real_time_factor else 0:.1f}x real time)\n"
+            f"  language:          {stats.language}{detected}\n"
+            f"  segments:          {stats.segments}\n"
+            f"  engine:            {stats.engine} on {stats.device}\n"
+            f"  peak memory:       {format_bytes(stats.peak_memory_bytes)}")
+
     def note(self, note: Note) -> None:
         """A note from the library: "note: ..." or a warning."""
         if note.severity == "warning":
@@ -280,6 +297,25 @@ def _rich_progress(stream: TextIO) -> tuple[Any, Callable[[ProgressEvent], None]
     return bars, report
 
 
+class _StatusLine:
+    """One line of stderr rewritten in place (a terminal's progress line); `close` ends it
+    when the last write left it open, so that what comes next starts on its own line."""
+
+    def __init__(self, out: Output):
+        self.out = out
+        self.open = False
+
+    def write(self, text: str, final: bool) -> None:
+        self.out.stderr.write("\r\x1b[2K" + text + ("\n" if final else ""))
+        self.out.stderr.flush()
+        self.open = not final
+
+    def close(self) -> None:
+        if self.open:
+            self.out.stderr.write("\n")
+            self.out.stderr.flush()
+
+
 @contextmanager
 def step_progress(out: Output) -> Iterator[Callable[[str, int, int, float, float], None]]:
     """A function to report (label, step, steps, elapsed, seconds left) of a computation in
@@ -288,25 +324,56 @@ def step_progress(out: Output) -> Iterator[Callable[[str, int, int, float, float
     if out.quiet or out.json_mode:
         yield lambda label, step, total, elapsed, left: None
         return
-    fancy = out.fancy_stderr
-    shown = False
+    line = _StatusLine(out) if out.fancy_stderr else None
 
     def report(label: str, step: int, total: int, elapsed: float, left: float) -> None:
-        nonlocal shown
         text = (f"{label}step {step}/{total}, {format_seconds(elapsed)} elapsed, "
                 f"{format_seconds(left)} left")
-        if fancy:
-            # The last step ends the line, so that what comes next (the payload, when
-            # stdout is the same terminal) starts on a line of its own.
-            shown = step < total
-            out.stderr.write("\r\x1b[2K" + text + ("" if shown else "\n"))
-            out.stderr.flush()
+        if line:  # the last step ends the line
+            line.write(text, final=step >= total)
         else:
             out.info(text)
 
     try:
         yield report
     finally:
-        if shown:
-            out.stderr.write("\n")
-            out.stderr.flush()
+        if line:
+            line.close()
+
+
+LONG_AUDIO = 30.0  # seconds: shorter audio is done before progress would tell anything
+PLAIN_EVERY = 0.1  # without a terminal, a line each time another tenth is done
+
+
+@contextmanager
+def audio_progress(out: Output) -> Iterator[Callable[[str, float, float, float, float], None]]:
+    """A function to report (source, audio seconds done, total, elapsed, seconds left) of
+    a transcription: one line rewritten in place on a terminal, a line per tenth of the
+    audio otherwise; nothing for audio under LONG_AUDIO or when quiet."""
+    if out.quiet:
+        yield lambda source, done, total, elapsed, left: None
+        return
+    line = _StatusLine(out) if out.fancy_stderr else None
+    reported: dict[str, float] = {}
+
+    def report(source: str, done: float, total: float, elapsed: float, left: float) -> None:
+        if total < LONG_AUDIO or reported.get(source, 0.0) >= 1.0:
+            return  # short audio; or the end, shown once already
+        done = min(done, total)
+        share = done / total
+        text = (f"{source}: {format_seconds(done)} of {format_seconds(total)} of audio "
+                f"({share:.0%}), {format_seconds(elapsed)} elapsed, "
+                f"{format_seconds(left)} left")
+        if line:
+            line.write(text, final=share >= 1.0)
+        elif share < 1.0 and share - reported.get(source, 0.0) < PLAIN_EVERY:
+            return
+        else:
+            out.info(text)
+        reported[source] = share
+
+    try:
+        yield report
+    finally:
+        if line:
+            line.close()

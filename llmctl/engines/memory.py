@@ -30,7 +30,24 @@ Image models (diffusers pipelines, Core ML resources):
                   it was written)
     overhead      256 MiB: Python, torch and its allocator, the tokenizer
 
-Both estimates err on the high side on purpose: running out of memory costs a swap storm
+Speech models (Whisper, in any of its layouts):
+
+    need = weights + audio + fixed overhead
+
+    weights       the model's files as stored (CTranslate2 loads model.bin whole, converting
+                  float16 weights to int8 on a CPU as it goes; mlx-whisper and whisper.cpp
+                  load their files as they are)
+    audio         1 MB per second of audio: the 16 kHz float32 samples (decoded, joined,
+                  padded) and the log-mel features, which faster-whisper computes for the
+                  whole file at once through a complex short-time Fourier transform
+    overhead      320 MiB: Python, NumPy, PyAV's FFmpeg, the engine's library and one
+                  30-second window's activations
+
+Measured here (Whisper tiny on faster-whisper, int8, 2 cores): the process peaked at 377,
+480 and 993 MB for 1, 5 and 15 minutes of audio (0.86 MB more per second), and at 299 MB
+for 4 seconds; the estimate for those is 473, 713, 1313 and 417 MB.
+
+The estimates err on the high side on purpose: running out of memory costs a swap storm
 or an OOM kill, a refusal costs `--force`. `check_fits` compares either with the one rule,
 `llmctl.host.allowed_memory` (a share of the memory this process may use, which
 `ls --available --fits` applies too).
@@ -58,6 +75,8 @@ MICRO_BATCH = 512  # llama.cpp's default n_ubatch
 LLAMA_CELLS = 256  # llama.cpp rounds the context up to a multiple of this
 IMAGE_OVERHEAD = 256 * 1024**2
 WORK_PER_512 = 1024**3
+SPEECH_OVERHEAD = 320 * 1024**2
+SPEECH_BYTES_PER_SECOND = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -298,3 +317,16 @@ def _coreml_models(folder: Path) -> list[Path]:
                 and not any(model in path.parents for model in found)):
             found.append(path)
     return found
+
+
+# -- speech models -------------------------------------------------------------------------
+
+def estimate_speech_memory(path: Path, audio_seconds: float) -> MemoryEstimate:
+    """What transcribing `audio_seconds` of audio with the Whisper model at `path` (a
+    folder, or whisper.cpp's one file) takes."""
+    return MemoryEstimate(
+        weights=folder_weights(path),
+        work=int(audio_seconds * SPEECH_BYTES_PER_SECOND),
+        overhead=SPEECH_OVERHEAD,
+        remedies=("a shorter audio file (split it)", "a smaller model (whisper:tiny)"),
+    )

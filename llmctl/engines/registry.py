@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from llmctl.engines.image import ImageEngine, ImageLoadOptions
+from llmctl.engines.speech import SpeechEngine, SpeechLoadOptions
 from llmctl.engines.text import LoadOptions, TextEngine
 from llmctl.errors import EngineUnavailable, UsageError
 from llmctl.formats import FORMATS, formats_of
@@ -23,7 +24,7 @@ from llmctl.host import platform_tag
 class EngineSpec:
     name: str
     module: str  # implements load(path, LoadOptions)
-    kind: str  # "text" | "image"
+    kind: str  # "text" | "image" | "speech"
     requires: str  # the import that must succeed
     install: str  # what to run when it does not
     # Where the engine's library exists, as "<sys.platform>-<machine>"; empty: anywhere.
@@ -64,6 +65,16 @@ ENGINES: dict[str, EngineSpec] = {
                    platforms=("darwin-arm64", "darwin-x86_64"),
                    runs_on="macOS only (Core ML predictions need Apple's frameworks)",
                    convert_to="coreml"),
+        # Speech engines (llmctl.engines.speech's contract), one per Whisper layout:
+        # faster-whisper (CTranslate2: CPU, CUDA), mlx-whisper, whisper.cpp (ggml files).
+        EngineSpec("faster-whisper", "llmctl.engines.whisper", "speech", "faster_whisper",
+                   "pip install 'llmctl[whisper]'"),
+        EngineSpec("mlx-whisper", "llmctl.engines.mlx_whisper", "speech", "mlx_whisper",
+                   "pip install 'llmctl[mlx]'",
+                   platforms=("darwin-arm64", "linux-x86_64", "linux-aarch64"),
+                   runs_on="Apple Silicon Macs and, on the CPU, Linux"),
+        EngineSpec("whisper.cpp", "llmctl.engines.whisper_cpp", "speech", "pywhispercpp",
+                   "pip install 'llmctl[whisper]'"),
     )
 }
 
@@ -118,6 +129,11 @@ def load_text_engine(spec: EngineSpec, path: Path, options: LoadOptions) -> Text
 
 def load_image_engine(spec: EngineSpec, path: Path, options: ImageLoadOptions) -> ImageEngine:
     return _load(spec, "image", path, options)
+
+
+def load_speech_engine(spec: EngineSpec, path: Path, options: SpeechLoadOptions
+                       ) -> SpeechEngine:
+    return _load(spec, "speech", path, options)
 
 
 def _load(spec: EngineSpec, kind: str, path: Path, options: object) -> Any:

@@ -8,6 +8,7 @@
                     tokenizer files and chat templates
     diffusers.py    diffusers pipelines: model_index.json and its component folders
     coreml.py       Core ML models and resource folders, compute units
+    whisper.py      Whisper speech models: CTranslate2, mlx-whisper and whisper.cpp layouts
 
 Import-light (the standard library and `gguf` only): `ls`, completion and the store use it.
 """
@@ -17,12 +18,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-KINDS = ("text", "image")
+KINDS = ("text", "image", "speech")
 
 
 @dataclass(frozen=True)
 class FormatInfo:
-    kind: str  # "text" | "image"
+    kind: str  # "text" | "image" | "speech"
     engines: tuple[str, ...]  # the engines that run it, the default first
     # Machines ("<sys.platform>-<machine>", as llmctl.host.platform_tag says) where another
     # of `engines` is the default.
@@ -53,6 +54,11 @@ FORMATS: dict[str, FormatInfo] = {
     "onnx": FormatInfo("text", ("onnx",)),
     "diffusers": FormatInfo("image", ("diffusers",)),
     "coreml": FormatInfo("image", ("coreml",)),
+    # Whisper (llmctl.formats.whisper): CTranslate2's conversion runs on faster-whisper (CPU,
+    # CUDA), mlx-whisper's on MLX, whisper.cpp's ggml files on whisper.cpp.
+    "ctranslate2": FormatInfo("speech", ("faster-whisper",)),
+    "mlx-whisper": FormatInfo("speech", ("mlx-whisper",)),
+    "ggml": FormatInfo("speech", ("whisper.cpp",)),
 }
 ENGINES = tuple(dict.fromkeys(engine for info in FORMATS.values() for engine in info.engines))
 
@@ -64,7 +70,7 @@ def formats_of(engine: str) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class ModelFormat:
-    kind: str  # "text" | "image"
+    kind: str  # "text" | "image" | "speech"
     engine: str  # the engine that runs it by default
     format: str  # "gguf" | "safetensors" | "mlx" | "diffusers" | "coreml"
 
@@ -100,6 +106,10 @@ def _format_of(names: list[str]) -> ModelFormat | None:
                 for s in PurePosixPath(part).suffixes}
     if len(paths) == 1 and paths[0].suffix.lower() == ".gguf":
         return GGUF
+    from llmctl.formats.whisper import layout_of
+
+    if (layout := layout_of(names)) is not None:
+        return ModelFormat.of(layout)
     if "genai_config.json" in {p.name for p in paths} and ".onnx" in suffixes:
         return ModelFormat.of("onnx")
     if "model_index.json" in top:
