@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from llmctl.errors import UsageError
+from llmctl.formats import KINDS
 from llmctl.store.catalog import SHIPPED, Catalog
 from llmctl.store.names import HubRef, NameRef, PathRef, UrlRef, parse_reference, sanitize_name
 
@@ -54,7 +55,7 @@ def catalog() -> Catalog:
 def test_shipped_catalog_entries_are_complete(catalog: Catalog) -> None:
     assert catalog.entries, f"no entries in {SHIPPED}"
     for entry in catalog.entries:
-        assert entry.kind in ("text", "image") and entry.engine and entry.format
+        assert entry.kind in KINDS and entry.engine and entry.format
         assert entry.sources, entry.reference
         assert entry.size > 0 and entry.min_ram >= entry.size, entry.reference
         assert entry.license and entry.homepage.startswith("https://"), entry.reference

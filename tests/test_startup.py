@@ -13,7 +13,7 @@ import pytest
 HEAVY = {"torch", "mlx", "llama_cpp", "coremltools", "diffusers", "transformers",
          "huggingface_hub", "numpy", "gguf", "jinja2", "onnxruntime", "onnxruntime_genai",
          "onnx", "accelerate", "safetensors", "faster_whisper", "ctranslate2", "av",
-         "mlx_whisper", "pywhispercpp", "tokenizers"}
+         "mlx_whisper", "pywhispercpp", "_pywhispercpp", "tokenizers"}
 
 
 def imported_modules(*args: str, env: dict[str, str] | None = None) -> set[str]:

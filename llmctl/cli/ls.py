@@ -24,8 +24,10 @@ def ls(
         "--available", help="List the catalog's models (stored or not) instead.")] = False,
     engine: Annotated[str | None, typer.Option(
         help="Only models for this engine (llama, mlx, transformers, onnx, diffusers, "
-        "coreml): the one each runs on here.")] = None,
-    kind: Annotated[str | None, typer.Option(help="Only text or image models.")] = None,
+        "coreml, faster-whisper, mlx-whisper, whisper.cpp): the one each runs on here."
+    )] = None,
+    kind: Annotated[str | None, typer.Option(
+        help="Only text, image or speech models.")] = None,
     fits: Annotated[bool, typer.Option(
         "--fits", help="With --available: only models that fit this machine's memory "
                        "(LLMCTL_MEMORY_LIMIT overrides it).")] = False,
@@ -49,6 +51,7 @@ def ls(
         llmctl ls --json | jq '.[].name'
         llmctl ls --available --fits
         llmctl ls --available --kind text --engine llama --json
+        llmctl ls --kind speech
         llmctl ls --partial
         llmctl ls --images
     """

@@ -27,7 +27,8 @@ def show(
         "--verify", help="Hash the model's files now and check them against their sha256 "
                          "(exit 4 if one differs).")] = False,
 ) -> None:
-    """Show a stored model: its files, source and the metadata in its GGUF header.
+    """Show a stored model: its files, source, format and engine, and the metadata in its
+    GGUF header (a speech model's dimensions where its layout states them).
 
     Examples:
 
@@ -68,7 +69,7 @@ def show(
                       verified=details.verified,
                       backend=backend,
                       summary=details.summary, gguf=details.metadata,
-                      tensor_types=details.tensor_types),
+                      tensor_types=details.tensor_types, dims=details.dims),
                  lambda: _lines(details, metadata, backend))
 
 
@@ -81,7 +82,8 @@ def _lines(details: ModelDetails, metadata: bool, backend: str) -> Iterator[str]
             ("name", manifest.reference),
             ("id", manifest.id),
             ("architecture", s["architecture"]),
-            ("parameters", format_count(s["parameters"])),
+            # 0: the files state no count llmctl reads (CTranslate2's model.bin, ggml).
+            ("parameters", format_count(s["parameters"]) if s["parameters"] else None),
             ("quantization", s["quantization"]),
             ("context length", s["context_length"]),
             ("embedding length", s["embedding_length"]),
@@ -102,6 +104,9 @@ def _lines(details: ModelDetails, metadata: bool, backend: str) -> Iterator[str]
             ("path", str(details.path)),
         ],
     }
+    if details.dims:
+        # Whisper's own names (n_mels, n_audio_layer, ...), as its layouts state them.
+        sections["Dimensions"] = [(k, str(v)) for k, v in details.dims.items()]
     if metadata:
         sections["Metadata"] = [(k, _short(v)) for k, v in details.metadata.items()]
     for title, rows in sections.items():

@@ -104,6 +104,9 @@ def transcribe(
         if detected.probability is not None:
             out.info(f"{source}: language {detected.language} "
                      f"(detected, p={detected.probability:.2f})")
+        elif language is None:
+            out.info(f"{source}: language {detected.language} ("
+                     + ("the model knows no other)" if detected.only else "detected)"))
 
     try:
         with audio_progress(out) as progress:

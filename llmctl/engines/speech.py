@@ -96,6 +96,7 @@ class Detected:
 
     language: str
     probability: float | None = None
+    only: bool = False  # an English-only model: nothing was detected, it knows no other
 
 
 @dataclass(frozen=True)
@@ -198,3 +199,13 @@ def check_request(request: SpeechRequest) -> None:
     if not 1 <= request.beam_size <= MAX_BEAM:
         raise UsageError(f"--beam-size {request.beam_size} is outside 1..{MAX_BEAM}",
                          hint="1 decodes greedily; 5 is Whisper's usual beam")
+
+
+def english_only(request: SpeechRequest) -> None:
+    """Refuse what an English-only model (the `.en` ones) cannot do: another language, or
+    translating (its output is English already); UsageError, exit 2."""
+    hint = "use a multilingual model, e.g. whisper:base"
+    if request.language not in (None, "en"):
+        raise UsageError(f"this model knows English only, not '{request.language}'", hint=hint)
+    if request.task == "translate":
+        raise UsageError("this model knows English only: it cannot translate", hint=hint)

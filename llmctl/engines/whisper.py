@@ -12,7 +12,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from llmctl.engines.speech import Detected, Segment, SpeechLoadOptions, SpeechRequest, Word
+from llmctl.engines.speech import (
+    Detected,
+    Segment,
+    SpeechLoadOptions,
+    SpeechRequest,
+    Word,
+    english_only,
+)
 from llmctl.errors import EngineFailure, UsageError
 from llmctl.formats.whisper import CT2_VOCABULARIES, CT2_WEIGHTS
 
@@ -72,13 +79,18 @@ class FasterWhisperEngine:
             raise EngineFailure(f"faster-whisper could not open {folder}: {said}") from None
 
     def transcribe(self, samples: Any, request: SpeechRequest) -> Iterator[Detected | Segment]:
+        if not self.model.model.is_multilingual:
+            english_only(request)
         segments, info = self.model.transcribe(
             samples, language=request.language, task=request.task,
             initial_prompt=request.initial_prompt, vad_filter=request.vad,
             temperature=FALLBACK if request.temperature is None else request.temperature,
             beam_size=request.beam_size, word_timestamps=request.word_timestamps)
-        yield Detected(info.language, None if request.language
-                       else round(float(info.language_probability), 4))
+        # An English-only model (tiny.en, ...) detects nothing: it is English by design.
+        detected = request.language is None and self.model.model.is_multilingual
+        yield Detected(info.language,
+                       round(float(info.language_probability), 4) if detected else None,
+                       only=not self.model.model.is_multilingual)
         try:
             for raw in segments:
                 yield Segment(float(raw.start), float(raw.end), raw.text,

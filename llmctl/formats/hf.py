@@ -1,5 +1,6 @@
 """Hugging Face model folders: config.json, which weight files a folder loads, its
-tokenizer files and chat template. Names are repository paths ("model.safetensors",
+tokenizer files and chat template; and which files of a Whisper conversion (CTranslate2,
+mlx-whisper) make the model. Names are repository paths ("model.safetensors",
 "unet/config.json"): the same rules serve a Hub listing, a cache snapshot and a folder."""
 
 from __future__ import annotations
@@ -125,6 +126,26 @@ def checkpoint_files(top: list[str]) -> list[str]:
     text = [f for f in top if any(fnmatch.fnmatchcase(f, p) for p in TOKENIZER_PATTERNS)
             and not f.endswith(".index.json")]
     return sorted({*weights, *with_index(weights, top), *text})
+
+
+# What a Whisper conversion needs beside its weights: config.json, preprocessor_config.json,
+# tokenizer.json and CTranslate2's vocabulary.txt/.json (faster-whisper downloads the same).
+SPEECH_SUFFIXES = {".json", ".txt"}
+
+
+def speech_files(top: list[str]) -> list[str] | None:
+    """The files of a Whisper conversion among a folder's top-level names: its weights
+    (CTranslate2's model.bin, mlx-whisper's weights.*) and its JSON and text files; None
+    when the names are not one. Asked before `checkpoint_files`: CTranslate2's model.bin
+    is no pickle of transformers', and an mlx-whisper folder no transformers checkpoint."""
+    from llmctl.formats.whisper import CT2_WEIGHTS, MLX_WEIGHTS, layout_of
+
+    layout = layout_of(top)
+    if layout not in ("ctranslate2", "mlx-whisper"):
+        return None  # a lone ggml file is named by its file name, not found by a folder rule
+    weights = {CT2_WEIGHTS} if layout == "ctranslate2" else set(MLX_WEIGHTS)
+    return sorted(f for f in top if f in weights or (
+        PurePosixPath(f).suffix in SPEECH_SUFFIXES and not f.endswith(".index.json")))
 
 
 def weight_files(folder: Path) -> list[Path]:

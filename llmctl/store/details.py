@@ -1,9 +1,10 @@
 """What `show` tells of a stored model: its summary, metadata and tensor types, from the
-GGUF header or, for folder models, config.json and the safetensors headers."""
+GGUF header or, for folder models, config.json and the safetensors headers; for speech
+models, the dimensions their layout states (llmctl.formats.whisper.model_dims)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +25,9 @@ class ModelDetails:
     summary: dict[str, Any]  # architecture, parameters, quantization, context length, ...
     metadata: dict[str, Any]  # every key of the GGUF header; long arrays summarised
     tensor_types: dict[str, int]
+    # A speech model's dimensions (n_mels, n_text_layer, ...); {} when its layout states
+    # none (CTranslate2 keeps them inside model.bin).
+    dims: dict[str, int] = field(default_factory=dict)
 
 
 def describe(layout: StoreLayout, catalog: Catalog | None, reference: str) -> ModelDetails:
@@ -33,8 +37,15 @@ def describe(layout: StoreLayout, catalog: Catalog | None, reference: str) -> Mo
     manifest = resolve_stored(layout, catalog, reference)
     if manifest.format != "gguf":
         folder = model_folder(layout, manifest)
+        dims: dict[str, int] = {}
+        if manifest.kind == "speech":
+            from llmctl.formats.whisper import model_dims
+
+            # A one-file model (whisper.cpp's) is read as that file, not as the folder.
+            single = manifest.format == "ggml" and len(manifest.files) == 1
+            dims = model_dims(folder / manifest.files[0].name if single else folder)
         return ModelDetails(manifest, folder, is_verified(layout, manifest),
-                            *_folder_details(folder))
+                            *_folder_details(folder), dims=dims)
     path, header = check_file(layout, manifest)
     metadata = {k: (str(v) if isinstance(v, ArraySummary) else v)
                 for k, v in header.metadata.items()}

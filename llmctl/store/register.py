@@ -93,7 +93,7 @@ def register(
     if model_format is None:
         raise UsageError(f"cannot tell what kind of model {reference} is from its files "
                          f"({', '.join(names[:5])})",
-                         hint="llmctl stores GGUF, MLX, diffusers and Core ML models")
+                         hint="llmctl stores GGUF, MLX, diffusers, Core ML and Whisper models")
 
     def progress(status: str) -> Callable[[int, int], None]:
         return lambda done, total: on_event(PullEvent(reference, status, done, total))
@@ -114,6 +114,8 @@ def register(
         metadata: dict[str, Any] = {}
         if model_format.format == "gguf":
             metadata = read_header(staged[0].path).summary()
+        elif model_format.format == "ggml":
+            metadata = _ggml_dims(staged[0].path, names[0])
         manifest = Manifest(
             name=name, tag=tag, kind=model_format.kind, engine=model_format.engine,
             format=model_format.format,
@@ -154,6 +156,19 @@ def register(
     on_event(PullEvent(reference, "success"))
     how = "downloaded" if files.owned else next(iter(hows)) if len(hows) == 1 else "hardlink"
     return PullResult(manifest, "pulled", how)
+
+
+def _ggml_dims(path: Path, name: str) -> dict[str, Any]:
+    """A whisper.cpp file's hyper-parameters; any other .bin (a pickle, a CTranslate2
+    model.bin alone) is refused before it is stored: "ggml" means whisper.cpp opens it."""
+    from llmctl.formats.whisper import ggml_header
+
+    header = ggml_header(path)
+    if header is None:
+        raise UsageError(f"{name} is not a whisper.cpp model (no ggml magic at its start)",
+                         hint="llmctl takes ggml-*.bin files of whisper.cpp, or a folder "
+                              "with config.json")
+    return {f"whisper.{key}": value for key, value in vars(header).items()}
 
 
 @dataclass(frozen=True)

@@ -57,6 +57,9 @@ def runnable(
             assert found is not None  # local.locate returns only folders it recognises
             return Runnable(folder, name, found.kind, found.format, found.engine, None)
         path = files.paths[0]
+        found = detect_format([path.name])
+        if found is not None and found.format == "ggml":  # whisper.cpp's one-file models
+            return Runnable(path, name, found.kind, found.format, found.engine, None)
         return Runnable(path, name, "text", "gguf", "llama", None, read_header(path))
     if isinstance(ref, HubRef | UrlRef):
         # As Ollama does for hf.co/... names: pull first (nothing if stored), then run.

@@ -91,6 +91,11 @@ def model_format(file_name: str, format: str | None = None, kind: str | None = N
     for suffix in ARCHIVES:
         inner = inner.removesuffix(suffix)
     found = detect_format([inner]) if inner else None
+    if found is not None and found.format == "ggml" and not PurePosixPath(inner).name.startswith(
+            "ggml"):
+        # Any lone .bin reads as whisper.cpp's layout, but a "model.bin" is as often a
+        # pickle: only whisper.cpp's own names (ggml-tiny.bin) say ggml without --format.
+        found = None
     if found is None:
         return kind or "", engine or "", ""
     return kind or found.kind, engine or found.engine, found.format
@@ -407,7 +412,7 @@ def build_entry(text: str, *, url: str | None = None, hf: str | None = None,
         archive = unpack or file_name.lower().endswith(ARCHIVES)
         if not format and not archive and not model_format(file_name)[2]:
             raise UsageError(f"cannot tell what kind of model '{file_name}' is",
-                             hint="pass --format (gguf, safetensors, mlx, diffusers, coreml)")
+                             hint="pass --format (gguf, safetensors, mlx, diffusers, coreml, ggml)")
     return new_entry(text, source, file_name=file_name, quantization=quant, format=format,
                      kind=kind, engine=engine, size=sizes[0], min_ram=sizes[1],
                      description=description)

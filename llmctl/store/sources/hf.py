@@ -262,8 +262,8 @@ def _listed(prefix: str, items: list[str], limit: int = 10) -> str:
 
 def _model_files(ref: HubRef, listing: _Listing) -> list[str]:
     """The files a repository without GGUF files needs, by what it is: a diffusers
-    pipeline, one build of a Core ML or ONNX Runtime GenAI model, or a safetensors
-    checkpoint (MLX or Transformers)."""
+    pipeline, one build of a Core ML or ONNX Runtime GenAI model, a Whisper conversion
+    (CTranslate2, mlx-whisper), or a safetensors checkpoint (MLX or Transformers)."""
     files = listing.files
     where = str(HubRef(ref.repo, None, ref.revision))
     if "model_index.json" in files:
@@ -271,6 +271,8 @@ def _model_files(ref: HubRef, listing: _Listing) -> list[str]:
     if (build := _one_build(ref, files, where)) is not None:
         return build
     top = [f for f in files if "/" not in f]
+    if (speech := hf_folder.speech_files(top)) is not None:
+        return speech
     if "config.json" in top and any(f.endswith(".safetensors") for f in top):
         return hf_folder.checkpoint_files(top)
     raise UsageError(f"cannot tell which files of {where} make a model"

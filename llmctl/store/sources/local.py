@@ -1,6 +1,7 @@
-"""Models already on this machine: a .gguf file, a folder holding one, or a folder model
-(config.json with *.safetensors for mlx-lm; a diffusers, Core ML or ONNX Runtime GenAI
-folder)."""
+"""Models already on this machine: a .gguf file, a folder holding one, a whisper.cpp
+ggml-*.bin file, or a folder model (config.json with *.safetensors for mlx-lm; a
+diffusers, Core ML or ONNX Runtime GenAI folder; a Whisper folder of CTranslate2 or
+mlx-whisper)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ from pathlib import Path
 
 from llmctl.errors import UsageError
 from llmctl.formats import detect_format, onnx
+from llmctl.formats.whisper import ggml_header
 from llmctl.store.sources import LocalFiles
 
 SUFFIX = ".gguf"
+GGML_SUFFIX = ".bin"  # whisper.cpp's files: ggml-tiny.bin, ... (told apart by their magic)
 # Files at the top of a folder that make it a model of several files (the ONNX Runtime
 # GenAI builder writes no config.json).
 FOLDER_MARKERS = ("config.json", "model_index.json", onnx.CONFIG)
@@ -37,6 +40,12 @@ def locate(path: Path) -> LocalFiles:
         # A FIFO or a device would block the first read for ever (issue 10).
         raise UsageError(f"{path} is not a regular file (a FIFO, device or socket)",
                          hint="give the path of a .gguf file or a model folder")
+    elif path.suffix.lower() == GGML_SUFFIX:
+        # Checked before anything is stored: a .bin is as often a pickle as a ggml file.
+        if ggml_header(path) is None:
+            raise UsageError(f"{path} is not a whisper.cpp model (no ggml magic at its start)",
+                             hint="give a ggml-*.bin file of whisper.cpp, a .gguf file, or "
+                                  "a model folder")
     elif path.suffix.lower() != SUFFIX:
         raise UsageError(f"{path} is not a .gguf file",
                          hint="give a .gguf file, or a folder with config.json and *.safetensors")
@@ -81,7 +90,7 @@ def _is_onnx_build(folder: Path) -> bool:
 
 def model_name(files: LocalFiles) -> str:
     """The name a model pulled from a path gets: the folder's name for a folder model, the
-    file's (without .gguf) otherwise."""
+    file's (without .gguf or .bin) otherwise."""
     if files.names is not None:
         return Path(files.origin["path"]).name
     return files.paths[0].stem
