@@ -320,3 +320,22 @@ def test_bench_reports_the_real_time_factor(llmctl: Runner, whisper_ct2: Path,
     assert refused.returncode == 2 and "speech model" in error_line(refused)
     refused = llmctl("bench", "smollm2", "--audio", str(spoken[0]))
     assert refused.returncode == 2 and "--audio is for speech models" in error_line(refused)
+
+
+@pytest.mark.parametrize("layout", ["ggml", "mlx-whisper"])
+def test_random_multilingual_models_run_through_the_command(
+        llmctl: Runner, spoken: list[Path], tmp_path: Path, layout: str) -> None:
+    """whisper.cpp and mlx-whisper through `transcribe`, on random weights (no real ones
+    are available offline): the language is detected and said, the segments are well
+    formed; what the model writes is not judged."""
+    from whisper_models import make_ggml_whisper, make_mlx_whisper
+
+    model = (make_ggml_whisper(tmp_path / "ggml-random.bin") if layout == "ggml"
+             else make_mlx_whisper(tmp_path / "mlx-random"))
+    result = llmctl("transcribe", str(model), str(spoken[0]), "-F", "json",
+                    "--temperature", "0")
+    doc = json.loads(transcribed(result))
+    assert re.search(rf"{re.escape(str(spoken[0]))}: language \w+ \(detected", result.stderr)
+    assert doc["stats"]["engine"] == ("whisper.cpp" if layout == "ggml" else "mlx-whisper")
+    for segment in doc["segments"]:
+        assert 0 <= segment["start"] <= segment["end"] <= doc["duration"] + 0.01

@@ -27,8 +27,10 @@ def show(
         "--verify", help="Hash the model's files now and check them against their sha256 "
                          "(exit 4 if one differs).")] = False,
 ) -> None:
-    """Show a stored model: its files, source, format and engine, and the metadata in its
-    GGUF header (a speech model's dimensions where its layout states them).
+    """Show a stored model: its files, source and the metadata in its GGUF header.
+
+    Also its format and engine, and a speech model's dimensions where its layout states
+    them.
 
     Examples:
 
