@@ -253,7 +253,7 @@ def test_an_english_only_model_is_english_and_only_that(
         engine = load(name, make_ggml_whisper(tmp_path / "ggml-tiny.en.bin", dims=ENGLISH_ONLY))
     try:
         detected, _, _ = run(engine, paris, SpeechRequest())
-        assert detected == Detected("en")  # nothing detected: no probability
+        assert detected == Detected("en", only=True)  # nothing detected: no probability
         for request in (SpeechRequest(language="fr"), SpeechRequest(task="translate")):
             with pytest.raises(UsageError, match="English only"):
                 list(transcribe(engine, paris, request))
