@@ -217,13 +217,36 @@ def default_threads(since: CpuSample | None) -> tuple[int, float | None]:
 
 def peak_memory_bytes(children: bool = False) -> int:
     """The largest resident set this process has had; with `children`, also any child
-    process it waited for (conversions run components in child processes)."""
+    process it waited for (conversions run components in child processes).
+
+    On Linux the kernel's high-water mark of this program's memory (VmHWM), not
+    getrusage's ru_maxrss: that one survives exec, so a process started by a large one
+    (a test runner, a notebook) would report its parent's peak as its own."""
     import resource
 
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = _high_water_mark()
+    if peak is None:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * _RUSAGE_UNIT
     if children:
-        peak = max(peak, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
-    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
+        # A child's figure is at least this process's size when it was started: still a
+        # bound on what the two needed at once.
+        peak = max(peak, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * _RUSAGE_UNIT)
+    return peak
+
+
+_RUSAGE_UNIT = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, else KiB
+
+
+def _high_water_mark() -> int | None:
+    """VmHWM from /proc/self/status in bytes; None where there is no such file."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 MEMORY_LIMIT_ENV = "LLMCTL_MEMORY_LIMIT"

@@ -4,6 +4,9 @@ that does not fit unless --force."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -197,3 +200,20 @@ def test_ls_fits_applies_the_rule_run_does(llmctl: Runner) -> None:
     env = {"LLMCTL_MEMORY_LIMIT": "334M"}  # 90%: 300.6 MB
     listed = json.loads(llmctl("ls", "--available", "--fits", "--json", env=env).stdout)
     assert "smollm2:135m" in {m["reference"] for m in listed}
+
+
+def test_peak_memory_is_this_programs_own_not_its_parents() -> None:
+    # Linux keeps ru_maxrss across exec: a program started by a large one would report
+    # its parent's peak. The parent here holds 600 MB, touched, when it starts the child.
+    parent = textwrap.dedent("""
+        import subprocess, sys
+        held = bytearray(600 * 2**20)
+        for i in range(0, len(held), 4096):
+            held[i] = 1
+        child = "from llmctl.host import peak_memory_bytes; print(peak_memory_bytes())"
+        print(subprocess.run([sys.executable, "-c", child], capture_output=True,
+                             text=True, check=True).stdout)
+    """)
+    out = subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True,
+                         check=True).stdout
+    assert 5 * 2**20 < int(out) < 300 * 2**20
