@@ -74,6 +74,14 @@ class Opened(Generic[E]):
     # The catalog entry's default parameters (imagine's steps, guidance, size), if any.
     defaults: dict[str, Any] = field(default_factory=dict)
     load_seconds: float = 0.0  # open_speech times the load (transcribe --verbose)
+    sequences: int = 1  # a text engine's sequences decoded together (batch --parallel)
+
+
+# Engines whose contexts hold several sequences (engines.parallel); the most `batch`
+# picks by itself: llama.cpp's batched decoding of SmolLM2 on 2 cores gained little
+# past 8 (TESTDATA.md: 314 tokens/s at 8, 377 at 16).
+PARALLEL_ENGINES = frozenset({"llama", "mlx"})
+MOST_SEQUENCES = 8
 
 
 def open_text(ref: Reference, layout: StoreLayout, catalog: Catalog, *,
@@ -99,12 +107,28 @@ def open_text(ref: Reference, layout: StoreLayout, catalog: Catalog, *,
     if torch_only and spec.name != "transformers":
         notes.append(f"{', '.join(torch_only)} applies to the transformers engine, not to "
                      f"{spec.name}")
+    if spec.name not in PARALLEL_ENGINES and options.sequences != 1:
+        if options.sequences > 1:
+            notes.append(f"the {spec.name} engine decodes one sequence at a time; "
+                         f"--parallel {options.sequences} runs them one after another")
+        options = replace(options, sequences=1)
     for note in notes:
         on_note(Note(note))
-    check = check_fits(estimate_text_memory(target, options.context_length,
-                                            upcast=_upcasts(spec, options)), force)
+
+    def estimate(sequences: int, force: bool = force) -> MemoryCheck:
+        return check_fits(estimate_text_memory(target, options.context_length,
+                                               upcast=_upcasts(spec, options),
+                                               sequences=sequences), force)
+
+    if options.sequences == 0:  # as many as fit, up to MOST_SEQUENCES
+        most = options.most_sequences or MOST_SEQUENCES
+        fitting = (n for n in range(min(most, MOST_SEQUENCES), 1, -1)
+                   if estimate(n, force=True).fits)
+        options = replace(options, sequences=next(fitting, 1))
+    check = estimate(options.sequences)
     _warn_if_forced(target, check, on_note)
-    return Opened(target, spec, registry.load_text_engine(spec, target.path, options), check)
+    return Opened(target, spec, registry.load_text_engine(spec, target.path, options), check,
+                  sequences=options.sequences)
 
 
 def open_image(ref: Reference, layout: StoreLayout, catalog: Catalog, *,

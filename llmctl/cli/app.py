@@ -27,6 +27,7 @@ COMMANDS = {
     "chat": "Chat with a model, in the terminal or through a pipe.",
     "imagine": "Generate images from a text prompt and print the paths of the PNG files.",
     "transcribe": "Transcribe speech to text with a Whisper model.",
+    "batch": "Run a model over a file of prompts, several at once; results as JSON Lines.",
     "convert": "Convert a model to another engine's format and store the result.",
     "bench": "Measure models: tokens/s, time to first token, load time, seconds per image.",
     "import": "Register models already on disk (Ollama's store, the Hugging Face cache).",

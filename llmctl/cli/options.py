@@ -220,6 +220,20 @@ def text_stdin() -> None:
         sys.stdin.reconfigure(encoding="utf-8", errors="replace")
 
 
+def read_input(path: str, name: str) -> list[str]:
+    """The lines of a text file, or of stdin for `-` (UTF-8, other bytes as U+FFFD);
+    UsageError naming the file when it cannot be read."""
+    from llmctl.errors import UsageError
+
+    if path == "-":
+        if sys.stdin is None or sys.stdin.isatty():
+            raise UsageError(f"{name} - reads stdin, which is a terminal",
+                             hint="pipe the prompts in, or give a file")
+        text_stdin()
+        return sys.stdin.read().splitlines()
+    return read_text_file(Path(path), name).splitlines()
+
+
 def read_prompt(words: list[str] | None, files: list[Path] | None = None,
                 stdin: bool = True) -> str:
     """stdin first (when it is not a terminal, and not taken by --json-schema -), then

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TextIO, TypeVar
 from llmctl.units import format_bytes, format_seconds
 
 if TYPE_CHECKING:
+    from llmctl.batch.local import Progress
     from llmctl.engines.speech import SpeechStats
     from llmctl.engines.text import Stats, TextEngine
     from llmctl.loader import Note
@@ -371,6 +372,46 @@ def audio_progress(out: Output) -> Iterator[Callable[[str, float, float, float, 
         else:
             out.info(text)
         reported[source] = share
+
+    try:
+        yield report
+    finally:
+        if line:
+            line.close()
+
+
+@contextmanager
+def batch_progress(out: Output, json_events: bool = False
+                   ) -> Iterator[Callable[[Progress], None]]:
+    """A function to report a batch's progress (prompts done of all, tokens/s, time
+    left), called as each prompt ends: one line rewritten in place on a terminal, a line
+    per tenth of the prompts otherwise, or with `json_events` a JSON line on stderr per
+    prompt. Nothing when quiet."""
+    if out.quiet:
+        yield lambda progress: None
+        return
+    line = _StatusLine(out) if out.fancy_stderr and not json_events else None
+    shown = [0.0]
+
+    def report(progress: Progress) -> None:
+        if json_events:
+            import json
+
+            out.stderr.write(json.dumps(progress.to_dict()) + "\n")
+            out.stderr.flush()
+            return
+        share = progress.done / progress.total if progress.total else 1.0
+        left = progress.left
+        text = (f"{progress.done}/{progress.total} prompts"
+                + (f", {progress.failed} failed" if progress.failed else "")
+                + f", {progress.tokens_per_second:.1f} tokens/s, "
+                  f"{format_seconds(progress.elapsed)} elapsed"
+                + (f", {format_seconds(left)} left" if left is not None else ""))
+        if line:
+            line.write(text, final=share >= 1.0)
+        elif share >= 1.0 or share - shown[0] >= PLAIN_EVERY:
+            out.info(text)
+            shown[0] = share
 
     try:
         yield report

@@ -26,6 +26,7 @@ from llmctl.engines.text import (
     GenerationOptions,
     LoadOptions,
     Message,
+    Slots,
     TokenEngine,
     default_context,
 )
@@ -145,22 +146,30 @@ class LlamaEngine(TokenEngine):
         self.auto_threads = options.threads is None
         threads = options.threads or default_threads(since)[0]
         ctx_params = lib.llama_context_default_params()
-        ctx_params.n_ctx = n_ctx
-        ctx_params.n_batch = min(n_ctx, MAX_BATCH)
+        # Several sequences (batch --parallel): each its own stream of n_ctx cells, so that
+        # a sequence attends to its own cache as a lone one does.
+        sequences = max(options.sequences, 1)
+        ctx_params.n_ctx = n_ctx * sequences
+        ctx_params.n_batch = min(n_ctx * sequences, MAX_BATCH)
         ctx_params.n_threads = threads
         ctx_params.n_threads_batch = threads
+        if sequences > 1:
+            ctx_params.n_seq_max = sequences
+            ctx_params.kv_unified = False
+        self.sequences = sequences
         self.ctx = lib.llama_init_from_model(self.model, ctx_params)
         if not self.ctx:
             lib.llama_model_free(self.model)
             self.model = None
-            raise EngineFailure(f"llama.cpp could not create a context of {n_ctx} tokens"
+            total = f"{sequences} x {n_ctx}" if sequences > 1 else f"{n_ctx}"
+            raise EngineFailure(f"llama.cpp could not create a context of {total} tokens"
                                 f"{_llama_said()}; try a smaller --ctx")
         self.vocab = lib.llama_model_get_vocab(self.model)
         self._piece = ctypes.create_string_buffer(PIECE_BUFFER)
         # llama.cpp pads the context it allocates (to 256 cells: --ctx 16 gets 256); the
         # context asked for is the one kept to, so that prompts, replies and chat's history
         # fit what was asked, and what is reported is what is used.
-        self.n_ctx = min(n_ctx, lib.llama_n_ctx(self.ctx))
+        self.n_ctx = min(n_ctx, lib.llama_n_ctx(self.ctx) // sequences)
         self.n_batch = ctx_params.n_batch
         self.n_ubatch = lib.llama_n_ubatch(self.ctx)
         self._batched = 0  # leading cache positions processed in batches of the same kind
@@ -392,6 +401,14 @@ class LlamaEngine(TokenEngine):
             if self.auto_threads:
                 self._idle_since = sample_cpu()
 
+    def open_slots(self, count: int) -> LlamaSlots | None:
+        """The context's sequences as slots; None when it was made for one (load with
+        LoadOptions(sequences=count))."""
+        if self.sequences < 2:
+            return None
+        self._recheck_threads()
+        return LlamaSlots(self, min(count, self.sequences))
+
     def close(self) -> None:
         if getattr(self, "ctx", None):
             self.lib.llama_free(self.ctx)
@@ -402,6 +419,91 @@ class LlamaEngine(TokenEngine):
 
     def __del__(self) -> None:
         self.close()
+
+
+class LlamaSlots(Slots):
+    """The sequences of a multi-sequence llama.cpp context (`llmctl.engines.parallel`):
+    a prompt in its own micro-batches at the positions `run` uses, then one llama_decode
+    per step with every running sequence's token, each sampled from its row on its own
+    sampler chain."""
+
+    def __init__(self, engine: LlamaEngine, count: int):
+        lib = engine.lib
+        self.engine, self.lib, self.ctx = engine, lib, engine.ctx
+        self.count = count
+        self.context_length = engine.n_ctx
+        self.memory = lib.llama_get_memory(engine.ctx)
+        self.batch = lib.llama_batch_init(max(engine.n_batch, count), 0, 1)
+        self.samplers: dict[int, Any] = {}
+        self.matchers: dict[int, Matcher | None] = {}
+        self.lengths = [0] * count
+        for slot in range(count):
+            lib.llama_memory_seq_rm(self.memory, slot, -1, -1)
+
+    def _fill(self, entries: list[tuple[int, int, int]], last_only: bool) -> None:
+        """Put (token, position, slot) entries in the batch and decode it; logits for every
+        entry, or for the last only (a prompt's chunk)."""
+        batch = self.batch
+        for i, (token, position, slot) in enumerate(entries):
+            batch.token[i] = token
+            batch.pos[i] = position
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = slot
+            batch.logits[i] = not last_only or i == len(entries) - 1
+        batch.n_tokens = len(entries)
+        status = self.lib.llama_decode(self.ctx, batch)
+        if status != 0:
+            raise EngineFailure(f"llama_decode failed with status {status}{_llama_said()}")
+
+    def _sample(self, slot: int, row: int) -> int:
+        matcher = self.matchers[slot]
+        if matcher is not None:
+            import numpy as np
+
+            logits = self.lib.llama_get_logits_ith(self.ctx, row)
+            matcher.mask(np.ctypeslib.as_array(logits, shape=(matcher.size,)))
+        return self.lib.llama_sampler_sample(self.samplers[slot], self.ctx, row)
+
+    def start(self, slot: int, tokens: list[int], options: GenerationOptions,
+              matcher: Matcher | None) -> int:
+        self.samplers[slot] = self.engine._sampler(options)
+        self.matchers[slot] = matcher
+        position, end, size = 0, len(tokens), self.engine.n_ubatch
+        while position < end:  # the micro-batches LlamaEngine's own stream uses
+            stop = min((position // size + 1) * size, end)
+            self._fill([(tokens[p], p, slot) for p in range(position, stop)], last_only=True)
+            position = stop
+        self.lengths[slot] = end
+        return self._sample(slot, -1)
+
+    def advance(self, last: dict[int, int]) -> dict[int, int]:
+        # In increasing slot order: llama.cpp computes a multi-stream batch in one pass
+        # only over consecutive sequence ids, and splits it at every break in the order
+        # (llama_batch_allocr::split_equal); [1, 2, 3, 0] took two passes, [0, 2] two.
+        order = sorted(last)
+        self._fill([(last[slot], self.lengths[slot], slot) for slot in order],
+                   last_only=False)
+        following = {}
+        for row, slot in enumerate(order):
+            self.lengths[slot] += 1
+            following[slot] = self._sample(slot, row)
+        return following
+
+    def release(self, slot: int) -> None:
+        self.lib.llama_memory_seq_rm(self.memory, slot, -1, -1)
+        self.lengths[slot] = 0
+        if (sampler := self.samplers.pop(slot, None)) is not None:
+            self.lib.llama_sampler_free(sampler)
+        self.matchers.pop(slot, None)
+
+    def close(self) -> None:
+        for slot in list(self.samplers):
+            self.release(slot)
+        if self.batch is not None:
+            self.lib.llama_batch_free(self.batch)
+            self.batch = None
+        if self.engine.auto_threads:
+            self.engine._idle_since = sample_cpu()
 
 
 def load(path: Path, options: LoadOptions) -> LlamaEngine:

@@ -165,11 +165,12 @@ class Shape:
 
 
 def estimate_text_memory(model: TextModelFiles, context_length: int | None, *,
-                         upcast: bool = False) -> MemoryEstimate:
+                         upcast: bool = False, sequences: int = 1) -> MemoryEstimate:
     """What loading `model` with `context_length` tokens (None: the engine's default)
     takes: a GGUF file from its header, a folder model (MLX, safetensors) from config.json.
     With `upcast`, a folder's float16 or bfloat16 weights count twice: the engine computes
-    them in float32."""
+    them in float32. With several `sequences` (batch --parallel), each has a KV cache of
+    `context_length` cells."""
     path = Path(model.path)
     shape = model_shape(model)
     if _is_gguf(model):
@@ -182,12 +183,14 @@ def estimate_text_memory(model: TextModelFiles, context_length: int | None, *,
     cells = -(-cells // step) * step
     return MemoryEstimate(
         weights=weights,
-        kv_cache=cells * shape.kv_per_token * (ONNX_KV_BYTES if model.format == "onnx"
-                                                else KV_BYTES),
+        kv_cache=sequences * cells * shape.kv_per_token * (
+            ONNX_KV_BYTES if model.format == "onnx" else KV_BYTES),
         logits=min(cells, MICRO_BATCH) * shape.vocabulary * LOGITS_BYTES,
         overhead=OVERHEAD,
         context_length=cells,
-        remedies=(f"a smaller --ctx (now {context_length or cells})",),
+        remedies=(f"a smaller --ctx (now {context_length or cells})",
+                  *((f"fewer --parallel sequences (now {sequences})",) if sequences > 1
+                    else ())),
     )
 
 

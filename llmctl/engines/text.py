@@ -97,6 +97,11 @@ class LoadOptions:
     device: str | None = None
     dtype: str | None = None  # a DTYPES key
     trust_pickle: bool = False  # load pickled weights (.bin), which can run code
+    # Sequences decoded together (batch --parallel), each with a context of its own of
+    # `context_length` tokens; 0: as many as fit in memory (loader.open_text), at most
+    # `most_sequences` when that is set (there are no more prompts than that).
+    sequences: int = 1
+    most_sequences: int | None = None
 
     def validate(self, trained_context: int | None = None) -> tuple[LoadOptions, list[str]]:
         """The options bounded by what the engines accept, and notes on what was changed.
@@ -345,6 +350,32 @@ class ByteDetokenizer:
         return self._decode(b"", True)
 
 
+class Slots(ABC):
+    """`count` sequences of one loaded model, decoded together: what an engine that can
+    gives `llmctl.engines.parallel.generate_many` (TokenEngine.open_slots)."""
+
+    count: int
+    context_length: int  # tokens each sequence holds, prompt and reply together
+
+    @abstractmethod
+    def start(self, slot: int, tokens: list[int], options: GenerationOptions,
+              matcher: Matcher | None) -> int:
+        """Process `tokens` as the prompt of the empty `slot`, alone, and sample its first
+        token (`options.seed` is set)."""
+
+    @abstractmethod
+    def advance(self, last: dict[int, int]) -> dict[int, int]:
+        """Decode each slot's last token (slot -> token) in one batch and sample each
+        one's next token."""
+
+    @abstractmethod
+    def release(self, slot: int) -> None:
+        """Forget the slot's sequence (its cache, its sampler): it can take another."""
+
+    def close(self) -> None:  # noqa: B027  (slots without native resources keep this)
+        pass
+
+
 class TokenEngine(ABC):
     """A text engine on the shared generation loop. Subclasses set `name`, `load_seconds`
     (and `threads` where they have them) and write the abstract methods."""
@@ -469,6 +500,11 @@ class TokenEngine(ABC):
     def _peak_memory(self) -> int:
         """The peak memory reported in the reply's statistics."""
         return host.peak_memory_bytes()
+
+    def open_slots(self, count: int) -> Slots | None:
+        """`count` sequences decoded together (llmctl.engines.parallel), where the engine
+        can; None: its replies run one at a time."""
+        return None
 
     def close(self) -> None:  # noqa: B027  (engines without native resources keep this)
         pass
