@@ -126,7 +126,7 @@ def batch(
                 records = run_on_ray(
                     ray, prompts, model=model, model_path=model_path, engine=engine,
                     load=load_options(ctx, threads, gpu_layers), defaults=defaults,
-                    parallel=parallel or loader.MOST_SEQUENCES, force=force,
+                    parallel=parallel or 0, force=force,
                     on_note=out.info)
             elif prompts:
                 with out.progress() as pulling:
