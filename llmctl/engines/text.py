@@ -366,7 +366,7 @@ class Slots(ABC):
     @abstractmethod
     def advance(self, last: dict[int, int]) -> dict[int, int]:
         """Decode each slot's last token (slot -> token) in one batch and sample each
-        one's next token."""
+        one's next token. `generate_many` passes every running slot, always."""
 
     @abstractmethod
     def release(self, slot: int) -> None:

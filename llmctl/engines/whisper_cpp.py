@@ -150,7 +150,7 @@ class WhisperCppEngine:
         pw.assign_new_segment_callback(params, on_segments)
         pw.assign_abort_callback(params, stop.is_set)
         if request.language is not None:
-            yield Detected(request.language)
+            yield Detected(request.language, only=not self.multilingual)
         thread = threading.Thread(target=work, name="whisper.cpp", daemon=True)
         with _captured_log() as log:
             thread.start()
