@@ -14,7 +14,7 @@ import ctypes
 import os
 import sys
 import time
-from collections.abc import Generator
+from collections.abc import Generator, Iterator
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -370,23 +370,15 @@ class LlamaEngine(TokenEngine):
         step = (lib.llama_token * 1)()
         step_batch = lib.llama_batch_get_one(step, 1)
         sample, decode = lib.llama_sampler_sample, lib.llama_decode
-        if matcher is not None:
-            import numpy as np
-
-            as_array, logits_at = np.ctypeslib.as_array, lib.llama_get_logits_ith
         try:
-            # In micro-batches at the positions processing the whole prompt uses.
-            position, end, size = start, start + len(tokens), self.n_ubatch
-            while position < end:
-                stop = min((position // size + 1) * size, end)
+            for position, stop in _micro_batches(start, start + len(tokens), self.n_ubatch):
                 chunk = tokens[position - start:stop - start]
                 self._decode((lib.llama_token * len(chunk))(*chunk), len(chunk))
                 if self._batched == position and len(chunk) >= SAME_RESULT_BATCH:
                     self._batched = stop
-                position = stop
             while True:
-                if matcher is not None:  # llama.cpp's own buffer, which the chain reads
-                    matcher.mask(as_array(logits_at(ctx, -1), shape=(matcher.size,)))
+                if matcher is not None:
+                    _mask_row(lib, ctx, matcher, -1)
                 token = sample(sampler, ctx, -1)
                 if matcher is not None:
                     matcher.consume(token)
@@ -419,6 +411,27 @@ class LlamaEngine(TokenEngine):
 
     def __del__(self) -> None:
         self.close()
+
+
+def _micro_batches(start: int, end: int, size: int) -> Iterator[tuple[int, int]]:
+    """(first, past-the-end) positions of the chunks a prompt from `start` to `end` is
+    decoded in: split where processing the whole prompt from position 0 splits it, every
+    `size` (n_ubatch) positions, so that its numbers are the whole prompt's
+    (SAME_RESULT_BATCH)."""
+    position = start
+    while position < end:
+        stop = min((position // size + 1) * size, end)
+        yield position, stop
+        position = stop
+
+
+def _mask_row(lib: Any, ctx: Any, matcher: Matcher, row: int) -> None:
+    """Mask the logits of batch row `row` (-1: the last) in llama.cpp's own buffer, which
+    the sampler chain then reads: every token `matcher` does not allow at -inf."""
+    import numpy as np
+
+    logits = lib.llama_get_logits_ith(ctx, row)
+    matcher.mask(np.ctypeslib.as_array(logits, shape=(matcher.size,)))
 
 
 class LlamaSlots(Slots):
@@ -458,22 +471,16 @@ class LlamaSlots(Slots):
     def _sample(self, slot: int, row: int) -> int:
         matcher = self.matchers[slot]
         if matcher is not None:
-            import numpy as np
-
-            logits = self.lib.llama_get_logits_ith(self.ctx, row)
-            matcher.mask(np.ctypeslib.as_array(logits, shape=(matcher.size,)))
+            _mask_row(self.lib, self.ctx, matcher, row)
         return self.lib.llama_sampler_sample(self.samplers[slot], self.ctx, row)
 
     def start(self, slot: int, tokens: list[int], options: GenerationOptions,
               matcher: Matcher | None) -> int:
         self.samplers[slot] = self.engine._sampler(options)
         self.matchers[slot] = matcher
-        position, end, size = 0, len(tokens), self.engine.n_ubatch
-        while position < end:  # the micro-batches LlamaEngine's own stream uses
-            stop = min((position // size + 1) * size, end)
+        for position, stop in _micro_batches(0, len(tokens), self.engine.n_ubatch):
             self._fill([(tokens[p], p, slot) for p in range(position, stop)], last_only=True)
-            position = stop
-        self.lengths[slot] = end
+        self.lengths[slot] = len(tokens)
         return self._sample(slot, -1)
 
     def advance(self, last: dict[int, int]) -> dict[int, int]:
