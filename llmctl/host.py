@@ -3,10 +3,13 @@ much of them other processes leave free."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
 import time
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -366,3 +369,28 @@ def default_torch_device() -> str:
     if sys.platform == "darwin" and platform.machine() == "arm64":
         return "mps"
     return "cuda" if shutil.which("nvidia-smi") else "cpu"
+
+
+# -- the process's stderr ----------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def quiet_stderr() -> Iterator[None]:
+    """File descriptor 2 pointed at /dev/null, and Python's warnings off, for the span of
+    a library's import or load: torchao (pulled in by transformers and ExecuTorch) logs the
+    CUDA kernels it cannot load and torch's deprecations, C++ runtimes log what they read
+    of the CPU, and none of it belongs in a pipe. Exceptions still reach the caller;
+    LLMCTL_DEBUG=1 keeps the libraries' output."""
+    if os.environ.get("LLMCTL_DEBUG"):
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)

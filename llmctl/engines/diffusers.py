@@ -29,6 +29,7 @@ from llmctl.engines.image import (
 from llmctl.errors import EngineFailure, EngineUnavailable, UsageError
 from llmctl.formats import diffusers as diffusers_format
 from llmctl.formats import hf
+from llmctl.host import quiet_stderr
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
 
@@ -129,10 +130,11 @@ class DiffusersEngine:
         # Half precision where the hardware computes it fast; the CPU computes float32.
         self.dtype = torch.float32 if self.device == "cpu" else torch.float16
         try:
-            self.pipe = AutoPipelineForText2Image.from_pretrained(
-                folder, torch_dtype=self.dtype, variant=_variant(folder),
-                use_safetensors=None if options.trust_pickle else True,
-                **_missing_components(folder))
+            with quiet_stderr():  # transformers imports torchao, if installed, here
+                self.pipe = AutoPipelineForText2Image.from_pretrained(
+                    folder, torch_dtype=self.dtype, variant=_variant(folder),
+                    use_safetensors=None if options.trust_pickle else True,
+                    **_missing_components(folder))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise EngineFailure(f"diffusers could not load {folder}: {exc}") from None
         self.pipe.set_progress_bar_config(disable=True)

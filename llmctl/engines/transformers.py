@@ -36,7 +36,7 @@ from llmctl.engines.text import (
 )
 from llmctl.errors import EngineFailure, EngineUnavailable, UsageError
 from llmctl.formats import hf
-from llmctl.host import default_threads, peak_memory_bytes, sample_cpu
+from llmctl.host import default_threads, peak_memory_bytes, quiet_stderr, sample_cpu
 
 if TYPE_CHECKING:
     from llmctl.engines.constraint import Matcher
@@ -127,10 +127,11 @@ class TransformersEngine(TokenEngine):
         version = int(lib.transformers.__version__.split(".")[0])
         precision = {"dtype" if version >= 5 else "torch_dtype": self.dtype}
         try:
-            self.model = lib.transformers.AutoModelForCausalLM.from_pretrained(
-                path, use_safetensors=None if options.trust_pickle else True,
-                low_cpu_mem_usage=True, **precision)
-            self.tokenizer = lib.transformers.AutoTokenizer.from_pretrained(path)
+            with quiet_stderr():  # transformers imports torchao, if installed, here
+                self.model = lib.transformers.AutoModelForCausalLM.from_pretrained(
+                    path, use_safetensors=None if options.trust_pickle else True,
+                    low_cpu_mem_usage=True, **precision)
+                self.tokenizer = lib.transformers.AutoTokenizer.from_pretrained(path)
         except (ValueError, OSError, KeyError) as exc:
             # transformers' words for an architecture it lacks (or one that needs the
             # repository's own code, which llmctl never runs) or a folder that is no model.
