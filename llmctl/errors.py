@@ -91,3 +91,10 @@ class EngineUnavailable(LlmctlError):
 
 class EngineFailure(LlmctlError):
     """The engine refused the model or failed while running it."""
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's message, first line only (an engine's library may say pages), or its
+    type's name when it says nothing."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

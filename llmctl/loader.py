@@ -107,6 +107,8 @@ def open_text(ref: Reference, layout: StoreLayout, catalog: Catalog, *,
     if torch_only and spec.name != "transformers":
         notes.append(f"{', '.join(torch_only)} applies to the transformers engine, not to "
                      f"{spec.name}")
+    if options.compute_unit is not None and spec.name != "coreml":
+        notes.append(f"--compute-unit applies to Core ML models, not to {spec.name}")
     if spec.name not in PARALLEL_ENGINES and options.sequences != 1:
         if options.sequences > 1:
             notes.append(f"the {spec.name} engine decodes one sequence at a time; "

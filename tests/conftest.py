@@ -151,3 +151,17 @@ def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tiny_sd import build_tiny_sd
 
     return build_tiny_sd(tmp_path_factory.mktemp("sd") / "tiny-sd")
+
+
+def children_running(module: str, home: Path) -> list[int]:
+    """Processes running `python -m module` with an argument under `home` (a conversion's
+    child writing in its tmp/)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            command = (entry / "cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if module.encode() in command and any(str(home).encode() in a for a in command):
+            found.append(int(entry.name))
+    return found

@@ -598,7 +598,8 @@ def _make_xl(folder: Path) -> None:
     (("--latent-h", "7"), "--latent-h 7 does not fit this UNet"),
     (("--safety-checker",), "has no safety checker"),
     (("--attention-implementation", "FAST"), "FAST"),
-    (("-q",), "--to coreml palettizes with --quantize-nbits"),
+    (("-q",), "-q is for language models, and tiny-sd is not one; a Stable Diffusion "
+     "pipeline palettizes with --quantize-nbits"),
 ])
 def test_bad_options_exit_2_with_one_line(llmctl: Runner, tiny_sd: Path, args: tuple[str, ...],
                                           message: str) -> None:
@@ -608,22 +609,20 @@ def test_bad_options_exit_2_with_one_line(llmctl: Runner, tiny_sd: Path, args: t
     assert llmctl("ls", "-q").stdout == ""
 
 
-def test_a_text_model_is_refused(llmctl: Runner, smollm2_gguf: Path) -> None:
-    result = llmctl("convert", str(smollm2_gguf), "--to", "coreml")
+def test_image_options_are_refused_for_a_text_model(llmctl: Runner, smollm2_gguf: Path
+                                                    ) -> None:
+    result = llmctl("convert", str(smollm2_gguf), "--to", "coreml", "--quantize-nbits", "6")
     assert result.returncode == 2
     line = error_line(result)
-    assert "is a text model (gguf), not a diffusers Stable Diffusion pipeline" in line
-    assert "--to mlx" in line
+    assert "--quantize-nbits is for Stable Diffusion pipelines" in line
+    assert "a language model takes -q int4|fp16" in line
 
 
 def test_catalog_models_that_are_no_pipelines_are_refused_before_pulling(llmctl: Runner) -> None:
-    result = llmctl("convert", "smollm2", "--to", "coreml")
-    assert result.returncode == 2
-    assert "smollm2:135m is a text model (gguf)" in error_line(result)
     apple = llmctl("convert", "sd1.5:coreml-split_einsum", "--to", "coreml")
     assert apple.returncode == 2
-    assert ("sd1.5:coreml-split_einsum is an image model (coreml), not a diffusers "
-            "Stable Diffusion pipeline; it is a Core ML model already") in error_line(apple)
+    assert ("sd1.5:coreml-split_einsum is an image model (coreml): --to coreml does not "
+            "convert it; it is a Core ML model already") in error_line(apple)
     assert llmctl("ls", "-q").stdout == ""  # nothing was pulled
 
 

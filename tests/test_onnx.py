@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import PARIS, Runner, error_line, llmctl_executable
+from conftest import PARIS, Runner, children_running, error_line, llmctl_executable
 from test_mlx import DONE_KEYS, stored_folder
 
 from llmctl.store import manifest as manifests
@@ -63,15 +63,7 @@ def stored(onnx_store: OnnxStore, llmctl_home: Path) -> dict[str, str]:
 
 def builders_for(home: Path) -> list[int]:
     """Model builder processes writing under `home` (their -o is in its tmp/)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        try:
-            command = (entry / "cmdline").read_bytes().split(b"\0")
-        except (OSError, ValueError):
-            continue
-        if BUILDER.encode() in command and any(str(home).encode() in a for a in command):
-            found.append(int(entry.name))
-    return found
+    return children_running(BUILDER, home)
 
 
 # -- convert ---------------------------------------------------------------------------------
@@ -169,7 +161,8 @@ def test_a_builder_failure_is_one_line_and_leaves_nothing(llmctl: Runner, llmctl
     (("--to", "onnx", "-q", "fp16"), "builds no fp16 model for cpu"),
     (("--to", "onnx", "--execution-provider", "tpu"), "'tpu' is not one of"),
     (("--to", "mlx", "--execution-provider", "cuda"), "--execution-provider is for --to onnx"),
-    (("--to", "onnx", "--q-bits", "4"), "--q-bits and --q-group-size are for --to mlx"),
+    (("--to", "onnx", "--q-bits", "4"), "--q-bits is for --to mlx; --to onnx takes -q, "
+                                        "--execution-provider"),
     (("--to", "onnx", "--quantize-nbits", "4"), "--quantize-nbits is for --to coreml"),
 ])
 def test_bad_options_exit_2_before_pulling(llmctl: Runner, args: tuple[str, ...],

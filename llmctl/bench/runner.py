@@ -536,7 +536,7 @@ def candidates(models: list[str], engines: tuple[str, ...], run: Context) -> lis
         names = engines
         if "all" in engines:
             names = tuple(name for name, spec in registry.ENGINES.items()
-                          if spec.kind == target.kind and _available(spec))
+                          if target.kind in spec.kinds and _available(spec))
         for name in names:
             spec = registry.get_spec(name)
             runs = [Candidate(ref, name) for ref, fmt in family if fmt in spec.formats]

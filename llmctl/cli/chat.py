@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from llmctl.cli.options import (
+    ComputeUnitOpt,
     CtxOpt,
     DtypeOpt,
     EngineOpt,
@@ -66,6 +67,7 @@ def chat(
     device: TorchDeviceOpt = None,
     dtype: DtypeOpt = None,
     trust_pickle: TrustPickleOpt = False,
+    compute_unit: ComputeUnitOpt = None,
     prompt_cache: PromptCacheOpt = None,
     prompt_cache_ro: PromptCacheRoOpt = False,
     no_cache: Annotated[bool, typer.Option(
@@ -149,7 +151,7 @@ def chat(
     with out.progress() as report:
         opened = loader.open_text(ref, layout, catalog, engine=engine, force=force,
                                   options=load_options(ctx, threads, gpu_layers, device, dtype,
-                                                       trust_pickle),
+                                                       trust_pickle, compute_unit),
                                   on_event=report, on_note=out.note)
     name = opened.model.name
     conversation = conversation or Conversation(name)

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import re
 from enum import StrEnum
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -23,6 +22,7 @@ class Target(StrEnum):
 
     mlx = "mlx"
     onnx = "onnx"
+    executorch = "executorch"
     coreml = "coreml"
 
 
@@ -39,7 +39,9 @@ def convert(
     quantize: Annotated[str | None, typer.Option(
         "--quantize", "-q", metavar="[PRECISION]", help="Quantize the weights. mlx: bare -q "
         "is 4 bits, -q 8 (or --q-bits 8) other bits; onnx: int4 (bare -q, and the default), "
-        "int8, fp16 or fp32.", show_default=False)] = None,
+        "int8, fp16 or fp32; executorch: 8da4w (bare -q: int8 activations, int4 weights) or "
+        "fp32 (the default); coreml language models: fp16 (the default) or int4 "
+        "(block-wise).", show_default=False)] = None,
     q_bits: Annotated[int | None, typer.Option(
         "--q-bits", metavar="BITS", help="Bits per weight when quantizing: 2, 3, 4, 5, 6 "
         "or 8; implies -q. [default: 4]", show_default=False)] = None,
@@ -50,6 +52,14 @@ def convert(
     provider: Annotated[Provider | None, typer.Option(
         "--execution-provider", case_sensitive=False, help="onnx: where the result will run: "
         "cpu, cuda or dml (DirectML). [default: cpu]", show_default=False)] = None,
+    backend: Annotated[str | None, typer.Option(
+        "--backend", metavar="BACKEND", help="executorch: the backend the program is lowered "
+        "to: xnnpack (the CPU's fast kernels) or portable. [default: xnnpack]",
+        show_default=False)] = None,
+    context_length: Annotated[int | None, typer.Option(
+        "--ctx", metavar="TOKENS", help="executorch and coreml (language models): the "
+        "longest context the program holds (its KV cache is this long). [default: 512 "
+        "for executorch, 512 for coreml]", show_default=False)] = None,
     name: Annotated[str | None, typer.Option(
         "--name", metavar="NAME[:TAG]", help="Store the result under this name. [default: "
         "the model's name, its tag + -mlx-q4, -onnx-int4, -coreml-split_einsum_v2...]",
@@ -70,7 +80,9 @@ def convert(
         "encoder and the UNet (chunks too): 1, 2, 4, 6 or 8 bits.")] = None,
     target: Annotated[str | None, typer.Option(
         "--min-deployment-target", metavar="TARGET", help="coreml: macOS13, "
-        "macOS14, iOS16 or iOS17 (6 bits need macOS14/iOS17). [default: macOS13]",
+        "macOS14, iOS16 or iOS17 (6 bits need macOS14/iOS17) for Stable Diffusion; macOS15 "
+        "or iOS18 for language models (their KV cache is Core ML state). [default: macOS13; "
+        "macOS15]",
         show_default=False)] = None,
     latent_h: Annotated[int | None, typer.Option(
         "--latent-h", metavar="N", help="coreml: latent height (image height"
@@ -98,11 +110,16 @@ def convert(
     --to coreml takes a diffusers Stable Diffusion pipeline and writes the Core ML resource
     folder Apple's pipelines read (TextEncoder, Unet or UnetChunk1/2, VAEDecoder, vocab.json,
     merges.txt); an interrupted conversion keeps its finished components for the next run.
+    Given a text model, --to coreml writes a Core ML language model instead: one
+    Model.mlpackage whose KV cache is Core ML state (macOS 15 / iOS 18), fp16 or block-wise
+    int4 weights, the tokenizer files beside it; it runs on macOS.
 
-    --to mlx and --to onnx take a text model, GGUF (dequantized through transformers first)
-    or a Hugging Face safetensors checkpoint, from the store, the catalog, hf:// or a path;
-    mlx-lm converts to MLX, onnxruntime-genai's model builder to ONNX (int4 unless -q says
-    otherwise, for the CPU unless --execution-provider says otherwise). The work happens
+    --to mlx, --to onnx and --to executorch take a text model, GGUF (dequantized through
+    transformers first) or a Hugging Face safetensors checkpoint, from the store, the
+    catalog, hf:// or a path; mlx-lm converts to MLX, onnxruntime-genai's model builder to
+    ONNX (int4 unless -q says otherwise, for the CPU unless --execution-provider says
+    otherwise), transformers' ExecuTorch export and ExecuTorch's lowering to a .pte
+    program (XNNPACK unless --backend says otherwise). The work happens
     under $LLMCTL_HOME/tmp; the result is stored only when complete, so an interrupted
     conversion leaves nothing behind. stdout gets the new model's name (--json: its
     manifest); progress goes to stderr.
@@ -115,43 +132,22 @@ def convert(
         llmctl convert ./my-hf-checkpoint --to mlx --q-bits 8 --name mine:8bit
         llmctl convert smollm2 --to onnx             # stored as smollm2:135m-onnx-int4
         llmctl convert smollm2 --to onnx -q fp16 --execution-provider cuda
+        llmctl convert smollm2 --to executorch -q 8da4w   # smollm2:135m-executorch-8da4w
+        llmctl convert smollm2 --to coreml -q int4 --ctx 1024 --min-deployment-target iOS18
         llmctl convert sd15 --to coreml --quantize-nbits 6 --min-deployment-target iOS17
     """
     from llmctl.cli.options import open_store
     from llmctl.convert import convert as run_conversion
-    from llmctl.errors import UsageError
+    from llmctl.convert import options_from_cli
 
-    coreml = {"--attention-implementation": attention, "--chunk-unet": chunk_unet,
-              "--quantize-nbits": quantize_nbits, "--min-deployment-target": target,
-              "--latent-h": latent_h, "--latent-w": latent_w, "--compute-unit": compute_unit,
-              "--vae-encoder": vae_encoder or None, "--safety-checker": safety_checker or None,
-              "--low-memory": low_memory or None, "--via": via if via is Via.apple else None}
-    options: Any
-    if to is not Target.coreml and (given := [o for o, v in coreml.items() if v is not None]):
-        raise UsageError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for "
-                         "--to coreml")
-    if provider is not None and to is not Target.onnx:
-        raise UsageError("--execution-provider is for --to onnx")
-    if to is Target.coreml:
-        if quantize is not None or q_bits is not None or q_group_size is not None:
-            raise UsageError("-q, --q-bits and --q-group-size are for --to mlx and onnx",
-                             hint="--to coreml palettizes with --quantize-nbits")
-        from llmctl.convert.coreml.options import CoremlOptions
-
-        defaults = CoremlOptions()
-        options = CoremlOptions(
-            attention=attention or defaults.attention, chunk_unet=chunk_unet,
-            quantize_nbits=quantize_nbits, latent_h=latent_h, latent_w=latent_w,
-            min_deployment_target=target or defaults.min_deployment_target,
-            compute_unit=_compute_unit(compute_unit) or defaults.compute_unit,
-            vae_encoder=vae_encoder, safety_checker=safety_checker,
-            one_process_per_component=low_memory, via_apple=via is Via.apple)
-    elif to is Target.onnx:
-        from llmctl.convert.onnx import options_from_cli
-
-        options = options_from_cli(quantize, provider, q_bits, q_group_size)
-    else:
-        options = _mlx_options(quantize, q_bits, q_group_size)
+    options = options_from_cli(to.value, {
+        "-q": quantize, "--q-bits": q_bits, "--q-group-size": q_group_size,
+        "--execution-provider": provider, "--backend": backend, "--ctx": context_length,
+        "--attention-implementation": attention, "--chunk-unet": chunk_unet,
+        "--quantize-nbits": quantize_nbits, "--min-deployment-target": target,
+        "--latent-h": latent_h, "--latent-w": latent_w, "--compute-unit": compute_unit,
+        "--vae-encoder": vae_encoder or None, "--safety-checker": safety_checker or None,
+        "--low-memory": low_memory or None, "--via": via.value if via is Via.apple else None})
     out = Output(json_mode=json)
     layout, catalog = open_store()
     with out.progress() as report:
@@ -167,32 +163,3 @@ def convert(
     out.info(f"{manifest.reference}: {format_bytes(manifest.size)}{bits}, converted from "
              f"{result.source} in {result.seconds:.0f}s{peak}")
     out.item(manifest.to_dict(), manifest.reference)
-
-
-def _mlx_options(quantize: str | None, q_bits: int | None, q_group_size: int | None) -> Any:
-    """-q (bare: 4 bits; -q 8, -q int8, -q 8bit: those bits), --q-bits, --q-group-size."""
-    from llmctl.convert.mlx import DEFAULT_BITS, MlxOptions
-    from llmctl.errors import UsageError
-
-    named = re.fullmatch(r"(?:int|q)?(\d+)(?:-?bits?)?", (quantize or "").strip().lower())
-    if quantize and named is None:
-        raise UsageError(f"-q {quantize} is not a number of bits",
-                         hint="use -q (4 bits), -q 8 or --q-bits 8")
-    if named and q_bits not in (None, int(named[1])):
-        raise UsageError(f"-q {quantize} and --q-bits {q_bits} disagree",
-                         hint="give the bits once")
-    bits = int(named[1]) if named else q_bits
-    return MlxOptions(quantize=quantize is not None or bits is not None or q_group_size
-                      is not None, bits=DEFAULT_BITS if bits is None else bits,
-                      group_size=q_group_size)
-
-
-def _compute_unit(text: str | None) -> str | None:
-    """coremltools' name (CPU_AND_NE) of a compute unit given in either spelling; an
-    unknown one is passed on for CoremlOptions to refuse."""
-    from llmctl.formats.coreml import COMPUTE_UNITS, compute_unit
-
-    if text is None:
-        return None
-    key = compute_unit(text)
-    return COMPUTE_UNITS[key] if key else text

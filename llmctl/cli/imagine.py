@@ -87,9 +87,8 @@ def imagine(
     from datetime import datetime
 
     from llmctl import __version__, gallery, loader
-    from llmctl.cli.options import open_store, read_prompt
+    from llmctl.cli.options import open_store, parse_compute_unit, read_prompt
     from llmctl.engines.image import (
-        COMPUTE_UNITS,
         DEVICES,
         Image,
         ImageLoadOptions,
@@ -97,7 +96,6 @@ def imagine(
         check_request,
     )
     from llmctl.errors import UsageError
-    from llmctl.formats.coreml import compute_unit as compute_unit_name
     from llmctl.store.layout import StoreLayout
     from llmctl.store.names import parse_reference
 
@@ -106,10 +104,7 @@ def imagine(
     if device is not None and device not in DEVICES:
         raise UsageError(f"unknown --device '{device}'",
                          hint=f"choose one of: {', '.join(DEVICES)}")
-    units = compute_unit_name(compute_units or compute_unit)
-    if units is None:
-        raise UsageError(f"unknown --compute-unit '{compute_units or compute_unit}'",
-                         hint=f"choose one of: {', '.join(COMPUTE_UNITS)}")
+    units = parse_compute_unit(compute_units or compute_unit)
     text = read_prompt(prompt)
     if output is not None and count > 1 and output.suffix.lower() == ".png":
         out.info(f"note: {count} images: {output.stem}-1.png ... {output.stem}-{count}.png")

@@ -127,16 +127,34 @@ DtypeOpt = Annotated[str | None, typer.Option(
     "bfloat16 on CUDA, float16 on MPS, float32 on a CPU]", show_default=False)]
 TrustPickleOpt = Annotated[bool, typer.Option(
     "--trust-pickle", help="transformers: load pickled weights (.bin); they can run code.")]
+ComputeUnitOpt = Annotated[str | None, typer.Option(
+    "--compute-unit", "--compute-units", metavar="UNIT", help="coreml: cpu_and_gpu, "
+    "cpu_only, cpu_and_ne or all. [default: cpu_and_gpu]", show_default=False)]
 
 
 def load_options(ctx: int | None, threads: int | None, gpu_layers: str | None,
                  device: str | None = None, dtype: str | None = None,
-                 trust_pickle: bool = False) -> LoadOptions:
+                 trust_pickle: bool = False, compute_unit: str | None = None
+                 ) -> LoadOptions:
     """run's and chat's engine options, as loader.open_text takes them."""
     from llmctl.engines.text import LoadOptions
 
+    unit = None if compute_unit is None else parse_compute_unit(compute_unit)
     return LoadOptions(ctx, threads, parse_gpu_layers(gpu_layers), device,
-                       None if dtype == "auto" else dtype, trust_pickle)
+                       None if dtype == "auto" else dtype, trust_pickle, compute_unit=unit)
+
+
+def parse_compute_unit(text: str) -> str:
+    """--compute-unit in llmctl's spelling (Apple's capitals accepted); UsageError naming
+    the choices for anything else."""
+    from llmctl.errors import UsageError
+    from llmctl.formats.coreml import COMPUTE_UNITS, compute_unit
+
+    unit = compute_unit(text)
+    if unit is None:
+        raise UsageError(f"unknown --compute-unit '{text}'",
+                         hint=f"choose one of: {', '.join(COMPUTE_UNITS)}")
+    return unit
 
 
 def parse_gpu_layers(text: str | None) -> int | None:

@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from llmctl.cli.options import (
+    ComputeUnitOpt,
     CtxOpt,
     DtypeOpt,
     EngineOpt,
@@ -60,6 +61,7 @@ def run(
     device: TorchDeviceOpt = None,
     dtype: DtypeOpt = None,
     trust_pickle: TrustPickleOpt = False,
+    compute_unit: ComputeUnitOpt = None,
     prompt_cache: PromptCacheOpt = None,
     prompt_cache_ro: PromptCacheRoOpt = False,
     json: JsonOpt = False,
@@ -118,7 +120,7 @@ def run(
     with out.progress() as report:
         opened = loader.open_text(ref, *open_store(), engine=engine, force=force,
                                   options=load_options(ctx, threads, gpu_layers, device, dtype,
-                                                       trust_pickle),
+                                                       trust_pickle, compute_unit),
                                   on_event=report, on_note=out.note)
     messages = ([Message("system", system)] if system else []) + [Message("user", text)]
     tokens = (opened.engine.text_tokens(text) if raw

@@ -44,8 +44,8 @@ def _choices() -> dict[str, list[str]]:
     from llmctl.engines.registry import ENGINES
     from llmctl.formats import FORMATS as MODEL_FORMATS
 
-    text = [n for n, s in ENGINES.items() if s.kind == "text"]
-    image = [n for n, s in ENGINES.items() if s.kind == "image"]
+    text = [n for n, s in ENGINES.items() if "text" in s.kinds]
+    image = [n for n, s in ENGINES.items() if "image" in s.kinds]
     return {
         "--engine": [*ENGINES], "run --engine": text, "chat --engine": text,
         "imagine --engine": image, "bench --engine": [*ENGINES, "all"],

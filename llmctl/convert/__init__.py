@@ -2,9 +2,11 @@
 module per target, imported only when a conversion to it runs (they pull in torch,
 transformers, mlx, coremltools):
 
-    mlx.py    text models, GGUF or Hugging Face safetensors -> MLX (through mlx-lm)
-    onnx.py   text models, GGUF or Hugging Face safetensors -> ONNX Runtime GenAI
-    coreml/   Stable Diffusion pipelines (diffusers) -> Core ML, in Apple's layout
+    mlx.py          text models, GGUF or Hugging Face safetensors -> MLX (through mlx-lm)
+    onnx.py         text models, GGUF or Hugging Face safetensors -> ONNX Runtime GenAI
+    executorch.py   text models, GGUF or Hugging Face safetensors -> an ExecuTorch program
+    coreml/         Stable Diffusion pipelines (diffusers) -> Core ML, in Apple's layout;
+                    text models go on to coreml_lm.py (a stateful Core ML language model)
 
 The frame does what every conversion does: check the options, find the source (pulled
 first when it is a catalog model), name the result, refuse one already stored, record
@@ -42,7 +44,7 @@ from llmctl.store.sources import LocalFiles
 # `--to` -> the module that converts to it, imported only when a conversion runs; each
 # module has a TARGET.
 TARGETS = {"mlx": "llmctl.convert.mlx", "onnx": "llmctl.convert.onnx",
-           "coreml": "llmctl.convert.coreml"}
+           "executorch": "llmctl.convert.executorch", "coreml": "llmctl.convert.coreml"}
 PREFIX = "convert-"
 
 
@@ -104,6 +106,18 @@ class Target:
     # Whether the store's "verifying <file>" events reach on_event: one per file of every
     # Core ML package would bury the progress.
     file_events: ClassVar[bool] = True
+    # The command line's options it takes, as `options_from_cli` reads them.
+    flags: ClassVar[tuple[str, ...]] = ()
+
+    def options_from_cli(self, given: dict[str, Any]) -> Any:
+        """Its Options from the command line's: `given` holds the flags given (of
+        `flags`), each with its value ("" for a bare -q)."""
+        raise NotImplementedError
+
+    def for_source(self, source: Runnable, options: Any) -> tuple[Target, Any]:
+        """The target (and its options) that converts `source`: this one, unless the
+        target converts several kinds of model, each its own way (Core ML)."""
+        return self, options
 
     def refuse_before_pulling(self, ref: Reference, layout: StoreLayout,
                               catalog: Catalog) -> None:
@@ -126,6 +140,19 @@ def target(to: str) -> Target:
     return importlib.import_module(TARGETS[to]).TARGET
 
 
+def options_from_cli(to: str, given: dict[str, Any]) -> Options:
+    """`to`'s options from the command line's: `given` maps each flag to its value, None
+    when not given. A flag another target takes is refused, naming that target."""
+    chosen = target(to)
+    given = {flag: value for flag, value in given.items() if value is not None}
+    if foreign := [flag for flag in given if flag not in chosen.flags]:
+        owners = [name for name in TARGETS if foreign[0] in target(name).flags]
+        raise UsageError(f"{', '.join(foreign)} {'is' if len(foreign) == 1 else 'are'} for "
+                         f"--to {' and '.join(owners)}",
+                         hint=f"--to {to} takes {', '.join(chosen.flags) or 'no options'}")
+    return chosen.options_from_cli(given)
+
+
 def convert(text: str, to: str, layout: StoreLayout, catalog: Catalog, *,
             options: Options | None = None, name: str | None = None, force: bool = False,
             on_event: OnEvent = no_events) -> Conversion:
@@ -139,6 +166,8 @@ def convert(text: str, to: str, layout: StoreLayout, catalog: Catalog, *,
     ref = parse_reference(text)
     chosen.refuse_before_pulling(ref, layout, catalog)
     source = runnable(ref, layout, catalog, on_event=on_event)
+    chosen, options = chosen.for_source(source, options)
+    options.check()
     checked = chosen.check_source(source, options)
     target_name, tag = result_name(source, options.suffix, name)
     reference = f"{target_name}:{tag}"

@@ -68,6 +68,23 @@ class MlxTarget(Target):
     model_format = MLX
     options = MlxOptions
     use = "run it with: llmctl run {reference}"
+    flags = ("-q", "--q-bits", "--q-group-size")
+
+    def options_from_cli(self, given: dict[str, Any]) -> MlxOptions:
+        """-q (bare: 4 bits; -q 8, -q int8, -q 8bit: those bits), --q-bits,
+        --q-group-size (either of the two implies -q)."""
+        quantize, q_bits = given.get("-q"), given.get("--q-bits")
+        group_size = given.get("--q-group-size")
+        named = re.fullmatch(r"(?:int|q)?(\d+)(?:-?bits?)?", (quantize or "").strip().lower())
+        if quantize and named is None:
+            raise UsageError(f"-q {quantize} is not a number of bits",
+                             hint="use -q (4 bits), -q 8 or --q-bits 8")
+        if named and q_bits not in (None, int(named[1])):
+            raise UsageError(f"-q {quantize} and --q-bits {q_bits} disagree",
+                             hint="give the bits once")
+        bits = int(named[1]) if named else q_bits
+        return MlxOptions(quantize=bool(given), bits=DEFAULT_BITS if bits is None else bits,
+                          group_size=group_size)
 
     def check_source(self, source: Runnable, options: MlxOptions) -> None:
         if source.kind != "text" or source.format not in ("gguf", "safetensors", "mlx"):

@@ -16,21 +16,21 @@ last error line is the message. The frame (llmctl.convert) stores the result, as
 
 from __future__ import annotations
 
-import codecs
 import collections
 import contextlib
 import importlib.util
 import os
 import re
-import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 from llmctl.convert import Product, Request, Target, work_folder
+from llmctl.convert.process import killed_for_memory, read_pieces, stop
 from llmctl.errors import EngineFailure, EngineUnavailable, UsageError
 from llmctl.formats import ModelFormat, hf
 from llmctl.host import peak_memory_bytes
@@ -61,7 +61,6 @@ BUILDER = "onnxruntime_genai.models.builder"
 # What the builder needs beside onnxruntime-genai (its imports), and how to get them.
 BUILDER_NEEDS = ("onnxruntime_genai", "onnx", "torch", "transformers")
 INSTALL = "pip install 'llmctl[onnx]'"
-STOP_SECONDS = 30  # a builder told to stop (Ctrl-C) gets this long before it is killed
 
 
 @dataclass(frozen=True)
@@ -90,23 +89,18 @@ class OnnxOptions:
         return f"onnx-{self.precision}{where}"
 
 
-def options_from_cli(quantize: str | None, provider: str | None, q_bits: int | None = None,
-                     q_group_size: int | None = None) -> OnnxOptions:
-    """The options as the command line gives them: `-q` (None: not given, "": bare -q;
-    both int4), `--execution-provider` (None: cpu); MLX's --q-bits and --q-group-size
-    are refused."""
-    if q_bits is not None or q_group_size is not None:
-        raise UsageError("--q-bits and --q-group-size are for --to mlx",
-                         hint=f"--to onnx takes -q {', '.join(PRECISIONS)}")
-    precision = (quantize or DEFAULT_PRECISION).strip().lower()
-    return OnnxOptions(precision=precision, provider=str(provider or "cpu").lower())
-
-
 class OnnxTarget(Target):
     to = "onnx"
     model_format = ONNX
     options = OnnxOptions
     use = "run it with: llmctl run {reference}"
+    flags = ("-q", "--execution-provider")
+
+    def options_from_cli(self, given: dict[str, Any]) -> OnnxOptions:
+        """-q PRECISION (bare -q: int4, the default too), --execution-provider (cpu)."""
+        precision = (given.get("-q") or DEFAULT_PRECISION).strip().lower()
+        return OnnxOptions(precision=precision,
+                           provider=str(given.get("--execution-provider", "cpu")).lower())
 
     def refuse_before_pulling(self, ref: Reference, layout: StoreLayout,
                               catalog: Catalog) -> None:
@@ -212,39 +206,15 @@ def build(hf_folder: Path, out: Path, cache: Path, options: OnnxOptions,
     child = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, cwd=cache.parent, env=env)
     try:
-        _read_pieces(child, progress.read)
+        read_pieces(child, progress.read)
         code = child.wait()
     except BaseException:  # Ctrl-C here (or anything else): the builder stops too
-        _stop(child)
+        stop(child)
         raise
     if code != 0 or not (out / "genai_config.json").is_file():
-        why = ("killed, probably for lack of memory" if code in (-9, 137)
+        why = ("killed, probably for lack of memory" if killed_for_memory(code)
                else progress.error_line())
         raise EngineFailure(f"onnxruntime-genai's model builder failed: {why}")
-
-
-def _read_pieces(child: subprocess.Popen, on_piece: Callable[[str], None]) -> None:
-    """Hand what the child writes to `on_piece`, split at newlines and carriage returns."""
-    assert child.stdout is not None
-    decode = codecs.getincrementaldecoder("utf-8")(errors="replace").decode
-    held = ""
-    while chunk := os.read(child.stdout.fileno(), 65536):
-        *pieces, held = re.split(r"[\r\n]", held + decode(chunk))
-        for piece in pieces:
-            on_piece(piece)
-    on_piece(held + decode(b"", True))
-
-
-def _stop(child: subprocess.Popen) -> None:
-    """Stop the builder as Ctrl-C would (it may have had it from the terminal already),
-    and wait for it: the work folder it writes in is deleted next."""
-    with contextlib.suppress(ProcessLookupError):
-        child.send_signal(signal.SIGINT)
-    try:
-        child.wait(timeout=STOP_SECONDS)
-    except subprocess.TimeoutExpired:
-        child.kill()
-        child.wait()
 
 
 def _builder_version() -> str | None:

@@ -80,6 +80,16 @@ def plain(messages: Sequence[Message]) -> str:
     return "\n\n".join(m.content for m in messages)
 
 
+def prompt_text(template: str | None, messages: Sequence[Message], bos_token: str = "",
+                eos_token: str = "") -> str:
+    """The conversation as the text to tokenize: rendered by the model's chat template,
+    or the plain text for a model without one. The engines that tokenize with a
+    tokenizer of their own (onnx, executorch) share this."""
+    if template:
+        return render(template, messages, bos_token=bos_token, eos_token=eos_token)
+    return plain(messages)
+
+
 def hf_prompt_tokens(tokenizer: Any, messages: Sequence[Message], has_template: bool
                      ) -> list[int]:
     """The conversation as token ids through a Hugging Face tokenizer's own chat template

@@ -62,7 +62,7 @@ from typing import Any, Protocol
 
 from llmctl.engines.text import default_context
 from llmctl.errors import InsufficientResources
-from llmctl.formats import coreml, diffusers, hf, onnx
+from llmctl.formats import coreml, diffusers, exported_context, hf, onnx
 from llmctl.host import MEMORY_LIMIT_ENV, MEMORY_SHARE, allowed_memory
 
 OVERHEAD = 64 * 1024**2
@@ -70,6 +70,9 @@ KV_BYTES = 2  # f16, llama.cpp's default cache type and MLX's for fp16/bf16 mode
 # onnxruntime-genai keeps the KV cache in the model's input type, float32 in CPU builds
 # (int4 ones included), and allocates it for the whole context at once.
 ONNX_KV_BYTES = 4
+# ExecuTorch programs llmctl exports hold a float32 static cache of the program's context,
+# allocated whatever --ctx says (llmctl.formats.pte's record gives its length).
+PTE_KV_BYTES = 4
 LOGITS_BYTES = 4
 MICRO_BATCH = 512  # llama.cpp's default n_ubatch
 LLAMA_CELLS = 256  # llama.cpp rounds the context up to a multiple of this
@@ -181,10 +184,12 @@ def estimate_text_memory(model: TextModelFiles, context_length: int | None, *,
             weights *= 2
     cells = default_context(context_length, shape.trained_context)
     cells = -(-cells // step) * step
+    kv_bytes = {"onnx": ONNX_KV_BYTES, "pte": PTE_KV_BYTES}.get(model.format, KV_BYTES)
+    # A converted program's cache is as long as it was exported, whatever --ctx says.
+    cells = exported_context(model.format, path) or cells
     return MemoryEstimate(
         weights=weights,
-        kv_cache=sequences * cells * shape.kv_per_token * (
-            ONNX_KV_BYTES if model.format == "onnx" else KV_BYTES),
+        kv_cache=sequences * cells * shape.kv_per_token * kv_bytes,
         logits=min(cells, MICRO_BATCH) * shape.vocabulary * LOGITS_BYTES,
         overhead=OVERHEAD,
         context_length=cells,

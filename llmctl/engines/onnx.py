@@ -49,7 +49,7 @@ from llmctl.engines.text import (
     TokenEngine,
     default_context,
 )
-from llmctl.errors import EngineFailure, EngineUnavailable, UsageError
+from llmctl.errors import EngineFailure, EngineUnavailable, UsageError, first_line
 from llmctl.formats import hf, onnx
 from llmctl.host import default_threads, sample_cpu
 
@@ -102,15 +102,6 @@ def _end_tokens(config: dict[str, Any], tokenizer: Any) -> set[int]:
     return found
 
 
-def _special_text(folder: Path, key: str) -> str:
-    """A special token's text from tokenizer_config.json ("" when it does not say): the
-    bos_token and eos_token chat templates write."""
-    value = hf.read_config(folder, "tokenizer_config.json").get(key)
-    if isinstance(value, dict):  # older files: {"content": "<s>", ...}
-        value = value.get("content")
-    return value if isinstance(value, str) else ""
-
-
 def _odd_rows(start: int, end: int) -> dict[int, str]:
     """The rows that a batch of tokens start..end computes in a way of their own (see
     ROW_BLOCK), by position: a batch of one token, or the last row of a batch whose length
@@ -155,8 +146,8 @@ class OnnxEngine(TokenEngine):
         self.vocabulary = onnx.shape(config)[1]
         self.eos_ids = _end_tokens(config, self.tokenizer)
         self.template = hf.chat_template(folder)
-        self.bos_text = _special_text(folder, "bos_token")
-        self.eos_text = _special_text(folder, "eos_token")
+        self.bos_text = hf.special_token(folder, "bos_token")
+        self.eos_text = hf.special_token(folder, "eos_token")
         self._generator: Any = None  # holds the KV cache between replies
         self._generator_kind: tuple[bool, bool] | None = None
         self._next_kind: tuple[bool, bool] | None = None
@@ -178,11 +169,8 @@ class OnnxEngine(TokenEngine):
         return self.n_ctx
 
     def prompt_tokens(self, messages: list[Message]) -> list[int]:
-        if self.template:
-            text = chat_template.render(self.template, messages, bos_token=self.bos_text,
-                                        eos_token=self.eos_text)
-        else:
-            text = chat_template.plain(messages)
+        text = chat_template.prompt_text(self.template, messages, self.bos_text,
+                                         self.eos_text)
         return self.tokenizer.encode(text).tolist()
 
     def text_tokens(self, text: str) -> list[int]:
@@ -226,7 +214,7 @@ class OnnxEngine(TokenEngine):
             return og.Generator(self.model, params)
         except RuntimeError as exc:
             raise EngineFailure(f"onnxruntime-genai could not start generating: "
-                                f"{_first_line(exc)}") from None
+                                f"{first_line(exc)}") from None
 
     def _trim_cache(self, keep: int) -> int:
         generator = self._generator
@@ -296,7 +284,7 @@ class OnnxEngine(TokenEngine):
             raise
         except RuntimeError as exc:
             self._generator = self._generator_kind = None
-            raise EngineFailure(f"onnxruntime-genai failed: {_first_line(exc)}") from None
+            raise EngineFailure(f"onnxruntime-genai failed: {first_line(exc)}") from None
         except BaseException:  # Ctrl-C inside a step: the generator's state is unknown
             self._generator = self._generator_kind = None
             raise
@@ -339,14 +327,10 @@ class StreamDetokenizer:
         return ""
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
 
 def _load_failure(folder: Path, wanted: str, exc: BaseException) -> str:
     """One line for a model onnxruntime-genai would not open, with the next step."""
-    said = _first_line(exc)
+    said = first_line(exc)
     if wanted != "cpu":
         return (f"onnxruntime-genai could not open {folder.name} for {wanted} ({said}); "
                 f"this build may lack that execution provider: convert for this machine "

@@ -32,6 +32,18 @@ class EngineSpec:
     runs_on: str = ""  # the same, said for people
     # The `llmctl convert --to` target that makes models this engine runs, if any.
     convert_to: str | None = None
+    # Other kinds of model it runs, each with its module: (kind, module).
+    other_kinds: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        return (self.kind, *(kind for kind, _ in self.other_kinds))
+
+    def module_for(self, kind: str) -> str:
+        """The module that loads `kind` models (ValueError for a kind it does not run)."""
+        if kind == self.kind:
+            return self.module
+        return dict(self.other_kinds)[kind]
 
     @property
     def formats(self) -> tuple[str, ...]:
@@ -56,6 +68,10 @@ ENGINES: dict[str, EngineSpec] = {
         # ONNX Runtime GenAI: its folders (genai_config.json), made by `convert --to onnx`.
         EngineSpec("onnx", "llmctl.engines.onnx", "text", "onnxruntime_genai",
                    "pip install 'llmctl[onnx]'", convert_to="onnx"),
+        # ExecuTorch: the programs `convert --to executorch` makes, on its Python runtime
+        # (XNNPACK on the CPU).
+        EngineSpec("executorch", "llmctl.engines.executorch", "text", "executorch",
+                   "pip install 'llmctl[executorch]'", convert_to="executorch"),
         # Image engines (llmctl.engines.image's contract): PyTorch anywhere torch runs
         # (CUDA, Apple's MPS, CPU), Core ML where its predictions run: macOS only.
         EngineSpec("diffusers", "llmctl.engines.diffusers", "image", "diffusers",
@@ -64,7 +80,8 @@ ENGINES: dict[str, EngineSpec] = {
                    "pip install 'llmctl[coreml]'",
                    platforms=("darwin-arm64", "darwin-x86_64"),
                    runs_on="macOS only (Core ML predictions need Apple's frameworks)",
-                   convert_to="coreml"),
+                   convert_to="coreml",
+                   other_kinds=(("text", "llmctl.engines.coreml_text"),)),
         # Speech engines (llmctl.engines.speech's contract), one per Whisper layout:
         # faster-whisper (CTranslate2: CPU, CUDA), mlx-whisper, whisper.cpp (ggml files).
         EngineSpec("faster-whisper", "llmctl.engines.whisper", "speech", "faster_whisper",
@@ -100,7 +117,7 @@ def choose(model_format: str, kind: str, override: str | None = None) -> EngineS
                              hint=hint)
         return spec
     info = FORMATS.get(model_format)
-    if info is not None and info.kind == kind and info.default_engine in ENGINES:
+    if info is not None and kind in info.kinds and info.default_engine in ENGINES:
         return ENGINES[info.default_engine]
     raise UsageError(f"no engine in this version runs {kind} models in {model_format} format")
 
@@ -137,8 +154,8 @@ def load_speech_engine(spec: EngineSpec, path: Path, options: SpeechLoadOptions
 
 
 def _load(spec: EngineSpec, kind: str, path: Path, options: object) -> Any:
-    if spec.kind != kind:
+    if kind not in spec.kinds:
         raise UsageError(f"the {spec.name} engine runs {spec.kind} models, not {kind} models")
     check_available(spec)
-    module = importlib.import_module(spec.module)
+    module = importlib.import_module(spec.module_for(kind))
     return module.load(path, options)

@@ -97,6 +97,9 @@ class LoadOptions:
     device: str | None = None
     dtype: str | None = None  # a DTYPES key
     trust_pickle: bool = False  # load pickled weights (.bin), which can run code
+    # Core ML language models: the compute units (llmctl.formats.coreml's spelling);
+    # None: CPU and GPU.
+    compute_unit: str | None = None
     # Sequences decoded together (batch --parallel), each with a context of its own of
     # `context_length` tokens; 0: as many as fit in memory (loader.open_text), at most
     # `most_sequences` when that is set (there are no more prompts than that).

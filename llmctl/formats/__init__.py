@@ -28,6 +28,13 @@ class FormatInfo:
     # Machines ("<sys.platform>-<machine>", as llmctl.host.platform_tag says) where another
     # of `engines` is the default.
     preferred: tuple[tuple[str, str], ...] = ()
+    # Kinds of model the format also holds, beside `kind` (Core ML: image resources and
+    # language models); the files tell which one a model is (`detect_format`).
+    other_kinds: tuple[str, ...] = ()
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        return (self.kind, *self.other_kinds)
 
     @property
     def default_engine(self) -> str:
@@ -35,6 +42,21 @@ class FormatInfo:
         from llmctl.host import platform_tag
 
         return dict(self.preferred).get(platform_tag(), self.engines[0])
+
+
+def exported_context(format: str, folder: Path) -> int:
+    """The context a converted program's KV cache was exported with: an ExecuTorch (pte)
+    or Core ML language model holds a cache of that length, whatever its config.json says
+    it was trained for; 0 for other formats, or where the folder's record does not say."""
+    if format == "pte":
+        from llmctl.formats import pte
+
+        return pte.cache_context(folder)
+    if format == "coreml":
+        from llmctl.formats import coreml
+
+        return coreml.context_of(coreml.read_report(folder))
+    return 0
 
 
 # The one table of formats: what kind of model each is and which engines run it. Engines
@@ -52,8 +74,13 @@ FORMATS: dict[str, FormatInfo] = {
     "pytorch": FormatInfo("text", ("transformers",)),
     # ONNX Runtime GenAI folders: genai_config.json beside model.onnx (and its data file).
     "onnx": FormatInfo("text", ("onnx",)),
+    # ExecuTorch programs (llmctl.formats.pte): model.pte beside the tokenizer files, made
+    # by `convert --to executorch`.
+    "pte": FormatInfo("text", ("executorch",)),
     "diffusers": FormatInfo("image", ("diffusers",)),
-    "coreml": FormatInfo("image", ("coreml",)),
+    # Core ML: Stable Diffusion resource folders (Apple's layout) and language models
+    # (one stateful Model.mlpackage beside the tokenizer files, `convert --to coreml`).
+    "coreml": FormatInfo("image", ("coreml",), other_kinds=("text",)),
     # Whisper (llmctl.formats.whisper): CTranslate2's conversion runs on faster-whisper (CPU,
     # CUDA), mlx-whisper's on MLX, whisper.cpp's ggml files on whisper.cpp.
     "ctranslate2": FormatInfo("speech", ("faster-whisper",)),
@@ -75,10 +102,11 @@ class ModelFormat:
     format: str  # "gguf" | "safetensors" | "mlx" | "diffusers" | "coreml"
 
     @classmethod
-    def of(cls, format: str) -> ModelFormat:
-        """A format by name, with its kind and default engine from FORMATS."""
+    def of(cls, format: str, kind: str | None = None) -> ModelFormat:
+        """A format by name, with its kind (`kind` where the format holds several) and
+        default engine from FORMATS."""
         info = FORMATS[format]
-        return cls(info.kind, info.default_engine, format)
+        return cls(kind or info.kind, info.default_engine, format)
 
 
 GGUF = ModelFormat.of("gguf")
@@ -114,8 +142,12 @@ def _format_of(names: list[str]) -> ModelFormat | None:
         return ModelFormat.of("onnx")
     if "model_index.json" in top:
         return ModelFormat.of("diffusers")
+    if ".pte" in suffixes and "tokenizer.json" in top:
+        return ModelFormat.of("pte")
     if suffixes & {".mlmodelc", ".mlpackage"}:
-        return ModelFormat.of("coreml")
+        # A language model keeps its tokenizer beside it; Apple's image resources keep
+        # vocab.json and merges.txt (CLIP's tokenizer) instead.
+        return ModelFormat.of("coreml", "text" if "tokenizer.json" in top else None)
     if "config.json" in top and ".safetensors" in suffixes:
         return ModelFormat.of("safetensors")
     # transformers' own name for pickled weights (CTranslate2's model.bin is not one).

@@ -72,6 +72,15 @@ def chat_template(folder: Path) -> str | None:
 
 # -- which weight files ----------------------------------------------------------------------
 
+def special_token(folder: Path, key: str) -> str:
+    """A special token's text from tokenizer_config.json ("" when it does not say): the
+    bos_token and eos_token chat templates write."""
+    value = read_config(folder, "tokenizer_config.json").get(key)
+    if isinstance(value, dict):  # older files: {"content": "<s>", ...}
+        value = value.get("content")
+    return value if isinstance(value, str) else ""
+
+
 def weight_family(name: str) -> str:
     """"model-00001-of-00002.safetensors" and "model.safetensors.index.json" both belong
     to "model.safetensors"."""

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from llmctl.formats import hf, safetensors
+from llmctl.formats import exported_context, hf, safetensors
 from llmctl.store.layout import StoreLayout
 from llmctl.store.manifest import Manifest
 from llmctl.store.model_files import check_file, is_verified, model_folder
@@ -45,7 +45,8 @@ def describe(layout: StoreLayout, catalog: Catalog | None, reference: str) -> Mo
             single = manifest.format == "ggml" and len(manifest.files) == 1
             dims = model_dims(folder / manifest.files[0].name if single else folder)
         return ModelDetails(manifest, folder, is_verified(layout, manifest),
-                            *_folder_details(folder), dims=dims)
+                            *_folder_details(folder, exported_context(manifest.format, folder)),
+                            dims=dims)
     path, header = check_file(layout, manifest)
     metadata = {k: (str(v) if isinstance(v, ArraySummary) else v)
                 for k, v in header.metadata.items()}
@@ -53,10 +54,12 @@ def describe(layout: StoreLayout, catalog: Catalog | None, reference: str) -> Mo
                         metadata, header.tensor_types)
 
 
-def _folder_details(folder: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, int]]:
+def _folder_details(folder: Path, context: int = 0
+                    ) -> tuple[dict[str, Any], dict[str, Any], dict[str, int]]:
     """Summary, metadata and tensor types of a folder model, from its config.json and the
-    headers of its .safetensors files (read as JSON: no library, no weights). The chat
-    template is kept under the key GGUF uses for it, so `show --template` finds it."""
+    headers of its .safetensors files (read as JSON: no library, no weights); `context`,
+    where not 0, is the context it runs with. The chat template is kept under the key GGUF
+    uses for it, so `show --template` finds it."""
     config = hf.read_config(folder)
     settings = hf.text_settings(config)
 
@@ -83,7 +86,7 @@ def _folder_details(folder: Path) -> tuple[dict[str, Any], dict[str, Any], dict[
         "parameters": parameters,
         "quantization": f"{bits}-bit, groups of {quantization.get('group_size')}" if bits
         else get("dtype") or get("torch_dtype"),
-        "context_length": get("max_position_embeddings"),
+        "context_length": context or get("max_position_embeddings"),
         "embedding_length": get("hidden_size"),
         "block_count": get("num_hidden_layers"),
         "chat_template": template is not None,

@@ -20,6 +20,10 @@ current torch, diffusers and transformers, on macOS and Linux alike:
 4. The folder is registered in the store as a new tag (`sd15:coreml-split_einsum_v2-6bit`)
    by the frame every conversion shares (llmctl.convert).
 
+A text model (GGUF, safetensors) given to `--to coreml` goes on to llmctl.convert.coreml_lm,
+which makes a stateful Core ML language model: `for_source` picks, once the source is known,
+and refuses the options only the other kind takes.
+
 Work happens in $LLMCTL_HOME/tmp/coreml-<key>/, where <key> is derived from the source and
 the options that shape the result. Every model is written under a temporary name and
 renamed when complete, so a conversion that is interrupted (Ctrl-C, a crash, the OOM
@@ -41,7 +45,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llmctl.convert import Conversion, Product, Request, Target
-from llmctl.convert.coreml.options import CoremlOptions
+from llmctl.convert.coreml.options import CoremlLmOptions, CoremlOptions
 from llmctl.convert.coreml.pipeline import Pipeline, inspect_pipeline, memory_warning
 from llmctl.errors import UsageError
 from llmctl.formats import ModelFormat
@@ -54,6 +58,30 @@ from llmctl.store.resolve import Runnable
 
 CORE_ML = ModelFormat("image", "coreml", "coreml")
 WORK_PREFIX = "coreml-"
+# The command line's options for each kind of source; --min-deployment-target for both.
+IMAGE_FLAGS = ("--attention-implementation", "--chunk-unet", "--quantize-nbits",
+               "--latent-h", "--latent-w", "--compute-unit", "--vae-encoder",
+               "--safety-checker", "--low-memory", "--via")
+TEXT_FLAGS = ("-q", "--ctx")
+TEXT_FORMATS = ("gguf", "safetensors")  # the text models coreml_lm converts
+
+
+@dataclass(frozen=True)
+class CoremlChoice:
+    """`--to coreml`'s options as the command line gives them, before the source tells
+    which conversion it is: a Stable Diffusion pipeline's (`image`) or a language
+    model's (`text`), and the flags given, to refuse those of the other kind."""
+
+    image: CoremlOptions
+    text: Any  # llmctl.convert.coreml_lm.CoremlLmOptions
+    given: frozenset[str]
+
+    def check(self) -> None:
+        """Nothing yet: the one chosen is checked once the source has chosen it."""
+
+    @property
+    def suffix(self) -> str:
+        raise AssertionError("for_source replaces a CoremlChoice before it is named")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -70,23 +98,67 @@ class CoremlTarget(Target):
     use = "use it: llmctl imagine {reference} PROMPT"
     result = CoremlConversion
     file_events = False
+    flags = (*IMAGE_FLAGS, *TEXT_FLAGS, "--min-deployment-target")
+
+    def options_from_cli(self, given: dict[str, Any]) -> CoremlChoice:
+        defaults, text = CoremlOptions(), CoremlLmOptions()
+        target = given.get("--min-deployment-target")
+        image = CoremlOptions(
+            attention=given.get("--attention-implementation", defaults.attention),
+            chunk_unet=given.get("--chunk-unet"), quantize_nbits=given.get("--quantize-nbits"),
+            latent_h=given.get("--latent-h"), latent_w=given.get("--latent-w"),
+            min_deployment_target=target or defaults.min_deployment_target,
+            compute_unit=_compute_unit(given.get("--compute-unit")) or defaults.compute_unit,
+            vae_encoder=bool(given.get("--vae-encoder")),
+            safety_checker=bool(given.get("--safety-checker")),
+            one_process_per_component=bool(given.get("--low-memory")),
+            via_apple=given.get("--via") == "apple")
+        text = CoremlLmOptions(
+            quantize=(given.get("-q") or text.quantize).strip().lower(),
+            context_length=given.get("--ctx", text.context_length),
+            min_deployment_target=target or text.min_deployment_target)
+        return CoremlChoice(image, text, frozenset(given))
+
+    def for_source(self, source: Runnable, options: Any) -> tuple[Target, Any]:
+        text = source.kind == "text"
+        if isinstance(options, CoremlChoice):
+            other = IMAGE_FLAGS if text else TEXT_FLAGS
+            if wrong := [flag for flag in other if flag in options.given]:
+                said = f"{', '.join(wrong)} {'is' if len(wrong) == 1 else 'are'} for"
+                if text:
+                    raise UsageError(f"{said} Stable Diffusion pipelines, and {source.name} "
+                                     "is a text model", hint="a language model takes -q "
+                                     "int4|fp16, --ctx N and --min-deployment-target "
+                                     "macOS15|iOS18")
+                raise UsageError(f"{said} language models, and {source.name} is not one",
+                                 hint="a Stable Diffusion pipeline palettizes with "
+                                 "--quantize-nbits")
+            return (_text_target(), options.text) if text else (self, options.image)
+        if text and isinstance(options, CoremlOptions):  # a library call's defaults
+            return _text_target(), CoremlLmOptions()
+        return self, options
 
     def refuse_before_pulling(self, ref: Reference, layout: StoreLayout,
                               catalog: Catalog) -> None:
         """A catalog model not stored yet would be pulled before inspect_pipeline refuses
-        it: say no first when the catalog already tells it is no diffusers pipeline."""
+        it: say no first when the catalog already tells it is neither a diffusers
+        pipeline nor a text model coreml_lm converts."""
         if not isinstance(ref, NameRef) or find_stored(layout, catalog, ref) is not None:
             return
         match = catalog.find(ref.name, ref.tag)
         if match is None or match.entry.format in ("diffusers", ""):  # "": the files decide
             return
         entry = match.entry
-        hint = (f"it is a Core ML model already: llmctl imagine {match.reference} PROMPT"
+        if entry.kind == "text" and entry.format in TEXT_FORMATS:
+            _text_target()  # refused here when this version has none
+            return
+        hint = ("it is a Core ML model already: llmctl "
+                f"{'imagine' if entry.kind == 'image' else 'run'} {match.reference}"
                 if entry.format == "coreml" else "--to coreml converts Stable Diffusion "
-                "pipelines; text models convert --to mlx")
+                "pipelines and text models in GGUF or safetensors")
         raise UsageError(f"{match.reference} is a{'n' if entry.kind == 'image' else ''} "
-                         f"{entry.kind} model ({entry.format}), not a diffusers Stable "
-                         "Diffusion pipeline", hint=hint)
+                         f"{entry.kind} model ({entry.format}): --to coreml does not "
+                         "convert it", hint=hint)
 
     def check_source(self, source: Runnable, options: CoremlOptions) -> Pipeline:
         return inspect_pipeline(source, options)
@@ -132,6 +204,18 @@ class CoremlTarget(Target):
 TARGET = CoremlTarget()
 
 
+def _text_target() -> Target:
+    """The language-model target (llmctl.convert.coreml_lm), where this version has it."""
+    import importlib.util
+
+    if importlib.util.find_spec("llmctl.convert.coreml_lm") is None:
+        raise UsageError("this version of llmctl does not convert language models to Core "
+                         "ML yet", hint="convert them --to executorch, --to onnx or --to mlx")
+    from llmctl.convert.coreml_lm import TARGET as TEXT_TARGET
+
+    return TEXT_TARGET
+
+
 def _work_key(source: Runnable, options: CoremlOptions) -> str:
     """Same source and same shaping options: same work folder, so a re-run continues.
     A folder given by path is identified by its files' names, sizes and times."""
@@ -144,3 +228,14 @@ def _work_key(source: Runnable, options: CoremlOptions) -> str:
     data = json.dumps([identity, options.shaping()], sort_keys=True, default=str)
     return hashlib.sha256(data.encode()).hexdigest()[:16]
 
+
+
+def _compute_unit(text: str | None) -> str | None:
+    """coremltools' name (CPU_AND_NE) of a compute unit given in either spelling; an
+    unknown one is passed on for CoremlOptions to refuse."""
+    from llmctl.formats.coreml import COMPUTE_UNITS, compute_unit
+
+    if text is None:
+        return None
+    key = compute_unit(text)
+    return COMPUTE_UNITS[key] if key else text

@@ -96,3 +96,40 @@ class CoremlOptions:
         """The options as conversion.json and the manifest record them."""
         return self.shaping() | {"components": self.components,
                                  "compute_unit": self.compute_unit}
+
+
+# Language models (llmctl.convert.coreml_lm): their KV cache is Core ML state, which needs
+# the iOS 18 / macOS 15 runtime.
+LM_QUANTIZE = ("fp16", "int4")
+LM_DEPLOYMENT_TARGETS = ("macOS15", "iOS18")
+LM_DEFAULT_CONTEXT = 512
+LM_MIN_CONTEXT = 16
+
+
+@dataclass(frozen=True)
+class CoremlLmOptions:
+    """`convert --to coreml`'s options for a language model."""
+
+    quantize: str = "fp16"  # fp16 weights, or int4 block-wise (blocks of 32)
+    context_length: int = LM_DEFAULT_CONTEXT  # the KV cache's length
+    min_deployment_target: str = "macOS15"
+
+    def check(self) -> None:
+        if self.quantize not in LM_QUANTIZE:
+            raise UsageError(f"-q {self.quantize} is not a Core ML weight format for "
+                             "language models", hint="use -q fp16 (the default) or -q int4")
+        if self.min_deployment_target not in LM_DEPLOYMENT_TARGETS:
+            raise UsageError(f"--min-deployment-target {self.min_deployment_target} cannot "
+                             "hold a language model: its KV cache is Core ML state, which "
+                             "needs iOS 18 or macOS 15",
+                             hint="use --min-deployment-target macOS15 or iOS18")
+        if self.context_length < LM_MIN_CONTEXT:
+            raise UsageError(f"--ctx {self.context_length} is below {LM_MIN_CONTEXT} tokens",
+                             hint=f"use --ctx {LM_MIN_CONTEXT} or more")
+
+    @property
+    def suffix(self) -> str:
+        """The tag suffix of the result: coreml-fp16, coreml-int4-ctx1024."""
+        where = "" if self.min_deployment_target == "macOS15" else f"-{self.min_deployment_target}"
+        ctx = "" if self.context_length == LM_DEFAULT_CONTEXT else f"-ctx{self.context_length}"
+        return f"coreml-{self.quantize}{ctx}{where}"
